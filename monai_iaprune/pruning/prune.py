@@ -1,0 +1,289 @@
+"""Physical structured pruning of a network from per-channel relevance, through torch-pruning."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from monai_iaprune.pruning.importance import RelevanceImportance
+from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
+from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
+
+TARGETS = ("params", "macs", "channels")
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did.
+
+    Attributes:
+        ratio: the requested fraction removed (of ``target``).
+        target: ``"params"``, ``"macs"`` or ``"channels"``.
+        params_before, params_after, macs_before, macs_after: counts on ``example_inputs``.
+        channels: ``{layer name: (out channels before, out channels after)}`` for every conv / linear layer.
+        channel_ratio: the torch-pruning channel ratio that reached the target.
+        history: ``[(module name, "out" | "in", [removed indices])]`` in the order applied, so an
+            optimizer or any per-parameter state can be sliced the same way.
+    """
+
+    ratio: float
+    target: str
+    params_before: int
+    params_after: int
+    macs_before: float
+    macs_after: float
+    channels: dict[str, tuple[int, int]]
+    channel_ratio: float
+    history: list[tuple[str, str, list[int]]] = field(default_factory=list)
+
+    @property
+    def params_removed(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    @property
+    def macs_removed(self) -> float:
+        return 1.0 - self.macs_after / max(self.macs_before, 1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio,
+            "target": self.target,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_removed": self.params_removed,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_removed": self.macs_removed,
+            "channel_ratio": self.channel_ratio,
+            "per_layer": [{"name": n, "channels_before": b, "channels_after": a} for n, (b, a) in self.channels.items()],
+        }
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    return float(macs)
+
+
+def _layer_channels(model: nn.Module) -> dict[str, int]:
+    return {n: out_channels(m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+
+
+def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """Layers whose output channels are the network's output channels (classifier heads, seg output convs).
+
+    The last conv / linear layer run in forward is found by hooks; every layer coupled to its
+    output channels in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
+    """
+    order: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        return []
+    last = order[-1]
+    with monai_pruning_fixes(model):
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    out_fn = dg.get_pruner_of_module(last).prune_out_channels
+    group = dg.get_pruning_group(last, out_fn, idxs=[0])
+    found = [last]
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, PRUNABLE_TYPES) and dep.handler.__name__ == "prune_out_channels" and m not in found:
+            found.append(m)
+    return found
+
+
+def _validate_ratio(ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"bad ratio {ratio!r}: the fraction to remove must lie strictly between 0 and 1")
+
+
+def _apply(
+    model: nn.Module,
+    relevance: Mapping[str, torch.Tensor],
+    channel_ratio: float,
+    example_inputs: torch.Tensor,
+    ignored: list[nn.Module],
+    global_pruning: bool,
+    round_to: int | None,
+    max_layer_ratio: float,
+    normalizer: str | None,
+    group_reduction: str,
+    extra_kwargs: dict[str, Any],
+) -> list[tuple[str, str, list[int]]]:
+    """Prune ``model`` in place at one torch-pruning channel ratio; return the history."""
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    scores = {}
+    for name, r in relevance.items():
+        if name not in modules:
+            raise KeyError(f"relevance names layer {name!r}, which {type(model).__name__} does not have")
+        m = modules[name]
+        if r.numel() != out_channels(m):
+            raise ValueError(f"relevance for {name!r} has {r.numel()} entries but the layer has {out_channels(m)} channels")
+        scores[m] = r
+    imp = RelevanceImportance(scores, normalizer=normalizer, group_reduction=group_reduction)
+    history: list[tuple[str, str, list[int]]] = []
+    with monai_pruning_fixes(model):
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_inputs,
+            importance=imp,
+            pruning_ratio=channel_ratio,
+            global_pruning=global_pruning,
+            max_pruning_ratio=max_layer_ratio,
+            ignored_layers=ignored,
+            round_to=round_to,
+            **extra_kwargs,
+        )
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                m = dep.target.module
+                if isinstance(m, nn.Module) and m in names:
+                    kind = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+                    history.append((names[m], kind, sorted(int(i) for i in idxs)))
+            group.prune()
+    return history
+
+
+def prune(
+    model: nn.Module,
+    relevance: Mapping[str, torch.Tensor],
+    ratio: float = 0.5,
+    *,
+    target: str = "params",
+    example_inputs: torch.Tensor | None = None,
+    global_pruning: bool = True,
+    ignored_layers: Iterable[nn.Module | str] | None = None,
+    round_to: int | None = None,
+    max_layer_ratio: float = 0.95,
+    normalizer: str | None = "mean",
+    group_reduction: str = "mean",
+    tolerance: float = 0.01,
+    pruner_kwargs: dict[str, Any] | None = None,
+) -> PruneResult:
+    """Remove the least relevant channels of ``model`` in place.
+
+    Args:
+        model: the network; pruned in place (its parameters are replaced by smaller ones).
+        relevance: ``{layer name: 1-D per-output-channel scores}``, e.g. from ``channel_relevance``.
+            Layers with no entry keep a neutral score inside their dependency group, and are left alone
+            when no member of their group is scored.
+        ratio: fraction of ``target`` to remove, strictly between 0 and 1.
+        target: ``"params"`` (fraction of parameters, default), ``"macs"`` or ``"channels"`` (torch-pruning's
+            own channel ratio).
+        example_inputs: one input batch to trace the network; default ``relevance.example_input``.
+        global_pruning: rank channels across layers (default) or prune every layer by the same ratio.
+        ignored_layers: modules (or their names) never pruned; the layers producing the network output
+            (classifier heads, segmentation output convs) are always added.
+        round_to: keep channel counts multiples of this (helps CPU kernels; see BENCHMARKS.md).
+        max_layer_ratio: the most of one layer's channels that may go.
+        normalizer, group_reduction: see ``RelevanceImportance``.
+        tolerance: accepted gap between the reached and requested fraction for params / MACs targets.
+        pruner_kwargs: extra ``MetaPruner`` arguments (e.g. ``num_heads``); MONAI-specific ones are added.
+
+    Returns:
+        ``PruneResult`` with counts before and after, channels per layer and the pruning history.
+    """
+    _validate_ratio(ratio)
+    if target not in TARGETS:
+        raise ValueError(f"unknown pruning target {target!r}; use one of {TARGETS}")
+    if not 0.0 < max_layer_ratio < 1.0:
+        raise ValueError(f"max_layer_ratio must lie strictly between 0 and 1, got {max_layer_ratio}")
+    if example_inputs is None:
+        example_inputs = getattr(relevance, "example_input", None)
+        if example_inputs is None:
+            raise ValueError("pass example_inputs (one input batch) to trace the network")
+    device = next(model.parameters()).device
+    example_inputs = example_inputs.to(device)
+    for name, r in relevance.items():
+        if not torch.isfinite(torch.as_tensor(r)).all():
+            raise FloatingPointError(f"NaN/Inf relevance for layer {name!r}: refusing to prune on it")
+    was_training = model.training
+    model.eval()
+    modules = dict(model.named_modules())
+    ignored: list[nn.Module] = []
+    for item in ignored_layers or []:
+        if isinstance(item, str):
+            if item not in modules:
+                raise KeyError(f"ignored layer {item!r} is not a module of {type(model).__name__}")
+            item = modules[item]
+        ignored.append(item)
+    ignored += [m for m in output_layers(model, example_inputs) if m not in ignored]
+    extra = pruner_kwargs_for(model)
+    extra.update(pruner_kwargs or {})
+    channels_before = _layer_channels(model)
+    params_before = count_params(model)
+    macs_before = count_macs(model, example_inputs)
+    args = (example_inputs, None, global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, extra)
+
+    def trial(p: float) -> tuple[nn.Module, float, list]:
+        m = copy.deepcopy(model)
+        mods = dict(m.named_modules())
+        ign = [mods[n] for n, mod in modules.items() if mod in ignored]
+        hist = _apply(m, relevance, p, args[0], ign, *args[2:])
+        if target == "params":
+            reached = 1.0 - count_params(m) / params_before
+        else:
+            reached = 1.0 - count_macs(m, example_inputs) / macs_before
+        return m, reached, hist
+
+    if target == "channels":
+        channel_ratio = float(ratio)
+    else:
+        lo, hi = 0.0, max_layer_ratio
+        _, reached_hi, _ = trial(hi)
+        if reached_hi < ratio - tolerance:
+            raise ValueError(
+                f"ratio {ratio} of {target} cannot be reached: removing up to max_layer_ratio={max_layer_ratio} of every "
+                f"layer's channels removes only {reached_hi:.3f} (ignored and output layers are kept); lower the ratio"
+            )
+        channel_ratio = hi
+        for _ in range(14):
+            mid = 0.5 * (lo + hi)
+            _, reached, _ = trial(mid)
+            if abs(reached - ratio) <= tolerance / 4:
+                channel_ratio = mid
+                break
+            if reached < ratio:
+                lo = mid
+            else:
+                hi = mid
+                channel_ratio = mid
+        else:
+            channel_ratio = hi
+    history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *args[2:])
+    model.train(was_training)
+    channels_after = _layer_channels(model)
+    emptied = [n for n, c in channels_after.items() if c == 0]
+    if emptied:
+        raise ValueError(f"pruning emptied layer(s) {emptied}: lower the ratio or max_layer_ratio")
+    return PruneResult(
+        ratio=float(ratio),
+        target=target,
+        params_before=params_before,
+        params_after=count_params(model),
+        macs_before=macs_before,
+        macs_after=count_macs(model, example_inputs),
+        channels={n: (channels_before[n], channels_after.get(n, 0)) for n in channels_before},
+        channel_ratio=channel_ratio,
+        history=history,
+    )

@@ -1,0 +1,1 @@
+"""Placeholder module: the method registers itself here once implemented."""

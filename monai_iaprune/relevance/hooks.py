@@ -1,0 +1,62 @@
+"""Capture layer outputs and the gradients (or relevance) that flow back into them."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class OutputRecorder:
+    """Forward hooks that keep each layer's output and, on backward, the gradient arriving at it.
+
+    Under a zennit composite, that gradient *is* the layer's output relevance, because zennit's rule
+    hooks return relevance in place of gradients.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], keep_grad: bool = True):
+        self.layers = layers
+        self.keep_grad = keep_grad
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def fn(module, inputs, output):
+            self.outputs[name] = output
+            if self.keep_grad and output.requires_grad:
+
+                def save(g, _name=name):
+                    self.grads[_name] = g if _name not in self.grads else self.grads[_name] + g
+
+                output.register_hook(save)
+
+        return fn
+
+    def __enter__(self) -> OutputRecorder:
+        for name, m in self.layers.items():
+            self._handles.append(m.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.grads.clear()
+
+
+@contextmanager
+def no_param_grad(model: nn.Module):
+    """Temporarily stop gradients into parameters (relevance needs gradients to activations only)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
