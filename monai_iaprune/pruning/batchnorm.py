@@ -1,0 +1,68 @@
+"""Re-estimate BatchNorm running statistics after pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from monai_iaprune.relevance.collect import split_batch
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    device: torch.device | str | None = None,
+) -> int:
+    """Reset every BatchNorm's running mean / variance and re-estimate them on ``data``.
+
+    After channels are removed, the statistics the remaining channels feed to later BatchNorm layers no
+    longer match the stored ones; a forward pass in train mode over calibration batches (cumulative
+    average, ``momentum=None``) fixes that without touching any weight.
+
+    Args:
+        model: the (pruned) network; its train/eval mode and BatchNorm momenta are restored afterwards.
+        data: iterable of batches (tensors, ``(image, label)`` pairs or dicts with ``image_key``).
+        max_batches: use at most this many batches.
+        image_key, label_key: keys of dict batches.
+        device: where to run; default the model's device.
+
+    Returns:
+        The number of samples seen.
+
+    Raises:
+        ValueError: ``data`` yielded no batch.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all calibration batches
+    model.train()
+    seen = 0
+    try:
+        for i, batch in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs, _ = split_batch(batch, image_key, label_key)
+            model(torch.as_tensor(inputs).to(device).float())
+            seen += inputs.shape[0]
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("empty data: no calibration batch to re-estimate BatchNorm statistics")
+    return seen
