@@ -13,7 +13,8 @@ DATA_DIR = Path(os.environ.get("MONAI_IAPRUNE_DATA", ROOT.parent / "shared" / "d
 MEDMNIST = DATA_DIR / "medmnist"
 NIFTI = DATA_DIR / "nifti"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if "OMP_NUM_THREADS" not in os.environ:  # respect a caller that limits threads (shared machines)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
