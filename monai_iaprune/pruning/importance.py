@@ -17,7 +17,7 @@ class RelevanceImportance(tp.importance.Importance):
     For each member of a dependency group whose *output channels* are pruned and whose relevance is
     known, the layer's scores (normalised per layer) are read at the group's indices; members are
     reduced by ``group_reduction``. Groups with no scored member return ``None`` (torch-pruning then
-    leaves them alone).
+    leaves them alone); a layer whose relevance is all zero counts as unscored.
 
     Args:
         relevance: ``{module: 1-D tensor}`` of per-output-channel relevance, in the module's current
@@ -30,14 +30,29 @@ class RelevanceImportance(tp.importance.Importance):
     NORMALIZERS = ("mean", "max", "sum", "rank", None)
     REDUCTIONS = ("mean", "sum", "max", "first")
 
-    def __init__(self, relevance: Mapping[nn.Module, torch.Tensor], normalizer: str | None = "mean", group_reduction: str = "mean"):
+    def __init__(
+        self,
+        relevance: Mapping[nn.Module, torch.Tensor],
+        normalizer: str | None = "mean",
+        group_reduction: str = "mean",
+    ):
         if normalizer not in self.NORMALIZERS:
             raise ValueError(f"unknown normalizer {normalizer!r}; use one of {self.NORMALIZERS}")
         if group_reduction not in self.REDUCTIONS:
             raise ValueError(f"unknown group_reduction {group_reduction!r}; use one of {self.REDUCTIONS}")
         self.normalizer = normalizer
         self.group_reduction = group_reduction
-        self.relevance = {m: self._normalize(r.detach().float().cpu()) for m, r in relevance.items()}
+        # a layer whose relevance is identically zero carries no ranking information (e.g. LRP gives SE
+        # excitation layers and attention query/key channels exactly 0): treat it as unscored rather than
+        # as the least important layer of the network
+        for r in relevance.values():
+            if not torch.isfinite(torch.as_tensor(r)).all():
+                raise FloatingPointError("NaN/Inf in relevance passed to RelevanceImportance")
+        self.relevance = {
+            m: self._normalize(r.detach().float().cpu())
+            for m, r in relevance.items()
+            if bool(torch.as_tensor(r).abs().sum() > 0)
+        }
 
     def _normalize(self, r: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(r).all():
@@ -90,5 +105,7 @@ class RelevanceImportance(tp.importance.Importance):
         if self.group_reduction == "mean":
             out = out / count.clamp_min(1)
         # channels of the group no scored member covers: neutral score (layer mean after normalisation)
-        out[count == 0] = 0.0 if self.normalizer is None else float(torch.stack([s.mean() for s in scores]).mean())
+        out[count == 0] = (
+            0.0 if self.normalizer is None else float(torch.stack([s.mean() for s in scores]).mean())
+        )
         return out
