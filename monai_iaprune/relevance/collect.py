@@ -24,7 +24,12 @@ class RelevanceMethod(Protocol):
     data_free: bool
 
     def __call__(
-        self, model: nn.Module, inputs: torch.Tensor | None, select: SelectionFn, layers: dict[str, nn.Module], **kwargs: Any
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor | None,
+        select: SelectionFn,
+        layers: dict[str, nn.Module],
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]: ...
 
 
@@ -88,6 +93,23 @@ def check_input_dims(model: nn.Module, inputs: torch.Tensor) -> None:
             f"wrong input dims: {type(model).__name__} has {sd}D convolutions and expects {sd + 2}-D input {axes}, "
             f"got shape {tuple(inputs.shape)}"
         )
+
+
+class FirstOutput(nn.Module):
+    """Present a network whose forward returns a tuple (e.g. MONAI ViT: logits, hidden states) by its first output."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _returns_sequence(model: nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return isinstance(model(x), (tuple, list))
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -158,7 +180,9 @@ def channel_relevance(
     model.eval()
     try:
         if fn.data_free:
-            values = {k: v.detach().float().cpu() for k, v in fn(model, None, None, chosen, **method_kwargs).items()}
+            values = {
+                k: v.detach().float().cpu() for k, v in fn(model, None, None, chosen, **method_kwargs).items()
+            }
             if absolute:
                 values = {k: v.abs() for k, v in values.items()}
             _check_finite(values, method)
@@ -183,11 +207,15 @@ def channel_relevance(
                 label = torch.as_tensor(label).to(device)
             if example is None:
                 example = inputs[:1].detach().cpu()
+                if _returns_sequence(model, inputs[:1]):
+                    fn_model = FirstOutput(model)
+                else:
+                    fn_model = model
 
             def select(output: torch.Tensor, _label=label) -> torch.Tensor:
                 return target_selection(output, _label, target)
 
-            per_sample = fn(model, inputs, select, chosen, **method_kwargs)
+            per_sample = fn(fn_model, inputs, select, chosen, **method_kwargs)
             _check_finite(per_sample, method)
             for name, v in per_sample.items():
                 v = v.detach().double()
@@ -205,7 +233,9 @@ def channel_relevance(
             )
         for n, m in chosen.items():
             if values[n].numel() != out_channels(m):
-                raise RuntimeError(f"relevance for {n!r} has {values[n].numel()} entries, layer has {out_channels(m)} channels")
+                raise RuntimeError(
+                    f"relevance for {n!r} has {values[n].numel()} entries, layer has {out_channels(m)} channels"
+                )
         return ChannelRelevance(values, method, count, example)
     finally:
         model.train(was_training)
