@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,9 @@ class PruneResult:
             "macs_after": self.macs_after,
             "macs_removed": self.macs_removed,
             "channel_ratio": self.channel_ratio,
-            "per_layer": [{"name": n, "channels_before": b, "channels_after": a} for n, (b, a) in self.channels.items()],
+            "per_layer": [
+                {"name": n, "channels_before": b, "channels_after": a} for n, (b, a) in self.channels.items()
+            ],
         }
 
 
@@ -87,7 +90,9 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
     """
     order: list[nn.Module] = []
     handles = [
-        m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, PRUNABLE_TYPES)
     ]
     try:
         with torch.no_grad():
@@ -138,7 +143,9 @@ def _apply(
             raise KeyError(f"relevance names layer {name!r}, which {type(model).__name__} does not have")
         m = modules[name]
         if r.numel() != out_channels(m):
-            raise ValueError(f"relevance for {name!r} has {r.numel()} entries but the layer has {out_channels(m)} channels")
+            raise ValueError(
+                f"relevance for {name!r} has {r.numel()} entries but the layer has {out_channels(m)} channels"
+            )
         scores[m] = r
     imp = RelevanceImportance(scores, normalizer=normalizer, group_reduction=group_reduction)
     history: list[tuple[str, str, list[int]]] = []
@@ -151,10 +158,17 @@ def _apply(
             global_pruning=global_pruning,
             max_pruning_ratio=max_layer_ratio,
             ignored_layers=ignored,
-            round_to=round_to,
+            round_to=None,  # rounding is done per channel group by _limit_group
             **extra_kwargs,
         )
+        check = pruner.DG.check_pruning_group
+        # torch-pruning drops a globally ranked group outright when every channel falls under the threshold
+        # (making the reached ratio non-monotone in the channel ratio); _limit_group caps it instead
+        pruner.DG.check_pruning_group = lambda group: True
         for group in pruner.step(interactive=True):
+            group = _limit_group(pruner, group, max_layer_ratio, round_to)
+            if group is None or not check(group):
+                continue
             for dep, idxs in group:
                 m = dep.target.module
                 if isinstance(m, nn.Module) and m in names:
@@ -162,6 +176,47 @@ def _apply(
                     history.append((names[m], kind, sorted(int(i) for i in idxs)))
             group.prune()
     return history
+
+
+def _limit_group(pruner: tp.pruner.MetaPruner, group, max_layer_ratio: float, round_to: int | None):
+    """Cap a group's removal at ``max_layer_ratio`` and round what remains, per channel group.
+
+    Layers with channel groups (GroupNorm, grouped convs) lose the same positions in every group
+    (torch-pruning's convention), so rounding applies to the channels kept *per group*: with ``G`` groups
+    the kept count per group is a multiple of ``round_to / gcd(round_to, G)``. torch-pruning 1.6.1 rounds
+    the whole layer's count against the per-group removal instead, so a GroupNorm network (MONAI
+    ``SegResNet``) is barely or never pruned once ``round_to`` is set.
+
+    Returns:
+        The group to prune (unchanged, or rebuilt with the least important positions), or ``None``.
+    """
+    dg = pruner.DG
+    dep = group[0].dep
+    module, fn = dep.target.module, dep.handler
+    if pruner._is_atten_group(group)[0]:
+        return group  # attention groups: head dims follow num_heads, left to torch-pruning
+    n = dg.get_out_channels(module) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(module)
+    groups = pruner._get_channel_groups(group)
+    if n is None or n % groups:
+        return group
+    size = n // groups
+    removed = len(set(group[0].idxs)) // groups
+    keep_min = max(1, size - math.floor(max_layer_ratio * size + 1e-9))
+    step = round_to // math.gcd(round_to, groups) if round_to else 1
+    keep = max(size - removed, keep_min)
+    keep -= keep % step
+    if keep < keep_min:
+        keep = step * math.ceil(keep_min / step)
+    if keep >= size:
+        return None
+    if keep == size - removed:
+        return group
+    imp = pruner.estimate_importance(dg.get_pruning_group(module, fn, list(range(n))))
+    if imp is None:
+        return None
+    per_position = imp.view(groups, -1).mean(0) if groups > 1 else imp
+    positions = torch.argsort(per_position)[: size - keep].tolist()
+    return dg.get_pruning_group(module, fn, sorted(p + g * size for g in range(groups) for p in positions))
 
 
 def prune(
@@ -230,10 +285,20 @@ def prune(
     ignored += [m for m in output_layers(model, example_inputs) if m not in ignored]
     extra = pruner_kwargs_for(model)
     extra.update(pruner_kwargs or {})
+    ignored += [m for m in extra.pop("ignored_layers", []) if m not in ignored]
     channels_before = _layer_channels(model)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs)
-    args = (example_inputs, None, global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, extra)
+    args = (
+        example_inputs,
+        None,
+        global_pruning,
+        round_to,
+        max_layer_ratio,
+        normalizer,
+        group_reduction,
+        extra,
+    )
 
     def trial(p: float) -> tuple[nn.Module, float, list]:
         m = copy.deepcopy(model)
@@ -249,27 +314,9 @@ def prune(
     if target == "channels":
         channel_ratio = float(ratio)
     else:
-        lo, hi = 0.0, max_layer_ratio
-        _, reached_hi, _ = trial(hi)
-        if reached_hi < ratio - tolerance:
-            raise ValueError(
-                f"ratio {ratio} of {target} cannot be reached: removing up to max_layer_ratio={max_layer_ratio} of every "
-                f"layer's channels removes only {reached_hi:.3f} (ignored and output layers are kept); lower the ratio"
-            )
-        channel_ratio = hi
-        for _ in range(14):
-            mid = 0.5 * (lo + hi)
-            _, reached, _ = trial(mid)
-            if abs(reached - ratio) <= tolerance / 4:
-                channel_ratio = mid
-                break
-            if reached < ratio:
-                lo = mid
-            else:
-                hi = mid
-                channel_ratio = mid
-        else:
-            channel_ratio = hi
+        channel_ratio = _search_channel_ratio(
+            lambda p: trial(p)[1], float(ratio), target, max_layer_ratio, tolerance
+        )
     history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *args[2:])
     model.train(was_training)
     channels_after = _layer_channels(model)
@@ -287,3 +334,62 @@ def prune(
         channel_ratio=channel_ratio,
         history=history,
     )
+
+
+def _search_channel_ratio(
+    reached_at, ratio: float, target: str, max_layer_ratio: float, tolerance: float
+) -> float:
+    """Find the torch-pruning channel ratio that removes ``ratio`` of ``target``.
+
+    Regula falsi (Illinois variant) on ``-log(1 - removed)`` against ``-log(1 - channel ratio)``, which is
+    close to linear (params and MACs fall about quadratically with the kept width), so a few trials reach
+    ``tolerance / 4``; if the removed fraction jumps over the request, the smallest ratio above it is used.
+
+    Raises:
+        ValueError: even ``max_layer_ratio`` removes less than ``ratio - tolerance``.
+    """
+
+    def u_of(p: float) -> float:
+        return -math.log1p(-p)
+
+    goal = u_of(ratio)
+    u_max = u_of(max_layer_ratio)
+    lo_u, lo_f = 0.0, -goal
+    hi_u: float | None = None
+    hi_f = 0.0
+    side = 0
+    u = min(goal / 2.0, u_max)  # uniform width pruning removes about 1 - (1 - p)^2 of params / MACs
+    for _ in range(16):
+        p = -math.expm1(-u)
+        reached = reached_at(p)
+        if abs(reached - ratio) <= tolerance / 4:
+            return p
+        f = u_of(min(reached, 1.0 - 1e-9)) - goal
+        if f < 0:
+            lo_u, lo_f = u, f
+            if side == -1 and hi_u is not None:
+                hi_f /= 2.0
+            side = -1
+        else:
+            hi_u, hi_f = u, f
+            if side == 1:
+                lo_f /= 2.0
+            side = 1
+        if hi_u is None:
+            if u >= u_max:
+                if reached < ratio - tolerance:
+                    raise ValueError(
+                        f"ratio {ratio} of {target} cannot be reached: removing up to max_layer_ratio={max_layer_ratio} "
+                        f"of every layer's channels removes only {reached:.3f} (ignored and output layers are kept); "
+                        "lower the ratio"
+                    )
+                return p
+            grow = goal / max(f + goal, 1e-6)  # secant through the origin
+            u = min(u * min(max(grow, 1.05), 4.0), u_max)
+            continue
+        if hi_u - lo_u < 1e-3:
+            break
+        u = lo_u + (hi_u - lo_u) * (-lo_f) / (hi_f - lo_f)
+    if hi_u is None:
+        return -math.expm1(-lo_u)
+    return -math.expm1(-hi_u)

@@ -1,0 +1,171 @@
+"""prune(): argument errors, consistency of PruneResult, protected output layers, which channels go."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from monai.networks import nets
+from torch import nn
+
+from monai_iaprune import ChannelRelevance, channel_relevance, prune
+from monai_iaprune.pruning import count_macs, count_params
+
+X2 = torch.randn(1, 1, 16, 16)
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def _ones(model: nn.Module) -> ChannelRelevance:
+    rel = channel_relevance(model, None, "magnitude", progress=False)
+    rel.example_input = X2
+    return rel
+
+
+def _unet() -> nn.Module:
+    torch.manual_seed(0)
+    return nets.UNet(
+        spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1
+    )
+
+
+@pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, "0.5", True])
+def test_bad_ratio(ratio):
+    model = _tiny()
+    with pytest.raises(ValueError, match="ratio"):
+        prune(model, _ones(model), ratio)
+
+
+def test_unknown_target():
+    model = _tiny()
+    with pytest.raises(ValueError, match="target"):
+        prune(model, _ones(model), 0.5, target="flops")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_relevance(bad):
+    model = _tiny()
+    rel = _ones(model)
+    rel["3"] = rel["3"].clone()
+    rel["3"][2] = bad
+    with pytest.raises(FloatingPointError, match="'3'"):
+        prune(model, rel, 0.5)
+
+
+def test_unreachable_ratio_is_explained():
+    model = _tiny()
+    with pytest.raises(ValueError, match="cannot be reached"):
+        prune(model, _ones(model), 0.9, max_layer_ratio=0.5)
+
+
+def test_relevance_for_missing_layer_or_wrong_size():
+    model = _tiny()
+    rel = _ones(model)
+    rel["nope"] = torch.ones(4)
+    with pytest.raises(KeyError, match="nope"):
+        prune(model, rel, 0.3)
+    rel = _ones(model)
+    rel["0"] = torch.ones(5)
+    with pytest.raises(ValueError, match="5 entries"):
+        prune(model, rel, 0.3)
+
+
+def test_missing_example_input():
+    model = _tiny()
+    rel = _ones(model)
+    rel.example_input = None
+    with pytest.raises(ValueError, match="example_inputs"):
+        prune(model, rel, 0.3)
+
+
+def _check_result(model: nn.Module, result, x: torch.Tensor) -> None:
+    assert result.params_after == count_params(model)
+    assert result.macs_after == pytest.approx(count_macs(model, x))
+    modules = dict(model.named_modules())
+    for name, (before, after) in result.channels.items():
+        m = modules[name]
+        assert after == (m.out_features if isinstance(m, nn.Linear) else m.out_channels), name
+        assert after <= before
+
+
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_result_reaches_the_requested_fraction(target):
+    model = _unet()
+    rel = channel_relevance(model, None, "magnitude", progress=False)
+    x = torch.randn(1, 1, 32, 32)
+    result = prune(model, rel, 0.4, target=target, example_inputs=x, tolerance=0.02)
+    _check_result(model, result, x)
+    reached = result.params_removed if target == "params" else result.macs_removed
+    assert abs(reached - 0.4) <= 0.02
+    assert result.channels["model.2.1.conv.unit0.conv"] == (2, 2)  # segmentation output conv kept
+    assert result.channels["model.2.0.conv"] == (2, 2)  # and the up-conv summed into it
+    assert model.eval()(x).shape == (1, 2, 32, 32)
+
+
+def test_channels_target_and_local_pruning():
+    model = _tiny()
+    result = prune(model, _ones(model), 0.5, target="channels", global_pruning=False)
+    assert result.channel_ratio == 0.5
+    assert result.channels["0"] == (8, 4) and result.channels["3"] == (8, 4)
+    assert result.channels["7"] == (3, 3)  # classifier head never pruned
+    _check_result(model, result, X2)
+
+
+def test_history_names_every_pruned_module():
+    model = _tiny()
+    result = prune(model, _ones(model), 0.5, target="channels", global_pruning=False)
+    outs = {(name, kind) for name, kind, idxs in result.history if idxs}
+    assert ("0", "out") in outs and ("1", "out") in outs and ("3", "in") in outs and ("7", "in") in outs
+
+
+def test_pruned_model_trains():
+    model = _unet()
+    rel = channel_relevance(model, None, "magnitude", progress=False)
+    x = torch.randn(2, 1, 32, 32)
+    prune(model, rel, 0.5, example_inputs=x[:1])
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), torch.randint(0, 2, (2, 32, 32)))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lowest_relevance_channels_are_removed():
+    model = _tiny()
+    original = copy.deepcopy(model)
+    rel = _ones(model)
+    rel["0"] = torch.ones(8)
+    rel["0"][5] = 1e-3  # clearly the least relevant channel of the first conv
+    rel["3"] = torch.ones(8)
+    rel["3"][2] = 1e-3
+    result = prune(model, rel, 1 / 8, target="channels", global_pruning=False)
+    assert result.channels["0"] == (8, 7) and result.channels["3"] == (8, 7)
+    keep0 = [i for i in range(8) if i != 5]
+    keep3 = [i for i in range(8) if i != 2]
+    torch.testing.assert_close(model[0].weight, original[0].weight[keep0])
+    torch.testing.assert_close(model[1].weight, original[1].weight[keep0])  # BatchNorm follows its conv
+    torch.testing.assert_close(model[3].weight, original[3].weight[keep3][:, keep0])
+    torch.testing.assert_close(model[7].weight, original[7].weight[:, keep3])
+
+
+def test_global_pruning_prefers_the_less_relevant_layer():
+    model = _tiny()
+    rel = _ones(model)
+    rel["0"] = torch.linspace(1.0, 2.0, 8)
+    rel["3"] = torch.linspace(1.0, 2.0, 8)
+    # the "mean" normaliser compares layers by relative relevance: make conv 3's spread much wider
+    rel["3"] = torch.tensor([0.01, 0.01, 0.01, 0.01, 2.0, 2.0, 2.0, 2.0])
+    result = prune(model, rel, 0.25, target="channels", global_pruning=True)
+    assert result.channels["3"][1] < result.channels["0"][1]
