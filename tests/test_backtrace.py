@@ -260,7 +260,7 @@ class _GatedNet(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        h = h * torch.sigmoid(h) if self.functional else self.gate(h)
+        h = h * torch.exp(h) if self.functional else self.gate(h)
         return self.fc2(h)
 
 
@@ -269,7 +269,7 @@ def test_layer_without_rule_raises_naming_it():
     net = _GatedNet(False).eval()
     with pytest.raises(NotImplementedError, match=r"layer 'gate' \(_Gate\)"):
         backtrace(net, x, _pred, {"fc1": net.fc1})
-    with pytest.raises(NotImplementedError, match="op .*sigmoid"):
+    with pytest.raises(NotImplementedError, match="op .*exp"):
         channel_relevance(_GatedNet(True).eval(), [x], "dlb", progress=False)
 
 
@@ -317,3 +317,176 @@ def test_conv_variants_conserve_without_bias(layer, shape):
     assert got["0"].shape == x.shape
     torch.testing.assert_close(got["1"], start)
     torch.testing.assert_close(got["0"].flatten(1).sum(1), start.flatten(1).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def _dense_share(w: torch.Tensor, a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """DLB dense rule, no bias: ``R_j = sum_i R_i |w_ij a_j| / sum_j |w_ij a_j|`` (a: [B, J], r: [B, I])."""
+    z = w.abs().unsqueeze(0) * a.abs().unsqueeze(1)  # [B, I, J]
+    return (z * (r / z.sum(2)).unsqueeze(2)).sum(1)
+
+
+class _SEGateNet(nn.Module):
+    """``y = h * sigmoid(g(h))``: the squeeze-excitation pattern, functional gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.g, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.sigmoid(self.g(h)) * h)
+
+
+def test_gate_is_a_constant_relevance_takes_the_gated_path():
+    torch.manual_seed(3)
+    net = _SEGateNet().eval()
+    x = torch.randn(3, 3)
+    maps = backtrace_relevance_maps(net, x, _pred, {"fc1": net.fc1, "g": net.g})
+    with torch.no_grad():
+        h = net.fc1(x)
+        y = torch.sigmoid(net.g(h)) * h
+        out = net.fc2(y)
+        expected = _dense_share(net.fc2.weight, y, _pred(out) * out)  # relevance of y, all of it to h
+    torch.testing.assert_close(maps["fc1"], expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(maps["g"], torch.zeros_like(maps["g"]))
+
+
+class _ActNet(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5, bias=False), nn.Linear(5, 3, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Functional(nn.Module):
+    """A non-leaf wrapper so the functional op runs in a forward the DLB mode sees."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.inner = nn.Identity()
+
+    def forward(self, x):
+        return self.fn(self.inner(x))
+
+
+def _acts():
+    from monai.networks.blocks.activation import MemoryEfficientSwish, Mish, Swish
+
+    return {
+        "silu": nn.SiLU(),
+        "gelu": nn.GELU(),
+        "monai-swish": Swish(),
+        "monai-memswish": MemoryEfficientSwish(),
+        "monai-mish": Mish(),
+        "F.silu": _Functional(nn.functional.silu),
+        "F.gelu": _Functional(nn.functional.gelu),
+        "F.mish": _Functional(nn.functional.mish),
+        "x*sigmoid(x)": _Functional(lambda t: t * torch.sigmoid(t)),
+        "relu_(inplace)": _Functional(lambda t: nn.functional.relu(t.clone(), inplace=True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_acts()))
+def test_elementwise_activations_pass_relevance_through(name):
+    torch.manual_seed(4)
+    net = _ActNet(_acts()[name]).eval()
+    x = torch.randn(3, 4)
+    maps = backtrace_relevance_maps(net, x, _pred, {"fc1": net.fc1})
+    with torch.no_grad():
+        a = net.act(net.fc1(x))
+        out = net.fc2(a)
+        expected = _dense_share(net.fc2.weight, a, _pred(out) * out)
+    torch.testing.assert_close(maps["fc1"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rearrange_and_scaling_move_relevance_with_the_elements():
+    from einops.layers.torch import Rearrange
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Identity()
+            self.rearrange = Rearrange("b c h w -> b (h w) c")
+
+        def forward(self, x):
+            return self.rearrange(self.inp(x)).permute(0, 2, 1) * 0.5
+
+    net = Net().eval()
+    x = torch.randn(2, 3, 2, 4)
+    start = torch.rand(2, 3, 8)
+    got = backtrace_relevance_maps(net, x, lambda o: start / o, {"inp": net.inp})["inp"]
+    torch.testing.assert_close(got, start.reshape(2, 3, 2, 4))
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["einsum", "sdpa"])
+def test_attention_weights_are_constants_and_relevance_is_conserved(flash):
+    from monai.networks.blocks import SABlock
+
+    torch.manual_seed(5)
+    att = SABlock(hidden_size=8, num_heads=2, qkv_bias=False, use_flash_attention=flash)
+    nn.init.zeros_(att.out_proj.bias)
+    net = nn.Sequential(nn.Identity(), att).eval()
+    x = torch.randn(2, 5, 8)
+    start = torch.rand(2, 5, 8)
+    maps = backtrace_relevance_maps(net, x, lambda o: start / o, {"0": net[0], "qkv": att.qkv})
+    # no bias anywhere: every rule on the way (linear, constant-weight product) hands on all relevance
+    torch.testing.assert_close(maps["0"].sum((1, 2)), start.sum((1, 2)), rtol=1e-5, atol=1e-6)
+    qkv = maps["qkv"].reshape(2, 5, 3, 8)  # qkv features are laid out (q|k|v, head, dim)
+    assert torch.equal(qkv[:, :, :2], torch.zeros_like(qkv[:, :, :2]))  # queries and keys get none
+    torch.testing.assert_close(qkv[:, :, 2].sum((1, 2)), start.sum((1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def _monai_gated_nets():
+    from monai.networks.nets import EfficientNetBN, SEResNet50, ViT
+
+    return [
+        (
+            "seresnet50",
+            lambda: SEResNet50(spatial_dims=2, in_channels=1, num_classes=3, layers=(1, 1, 1, 1)),
+            (2, 1, 32, 32),
+        ),
+        (
+            "efficientnet-b0",
+            lambda: EfficientNetBN(
+                "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=1, num_classes=3
+            ),
+            (2, 1, 32, 32),
+        ),
+        (
+            "vit",
+            lambda: ViT(
+                1,
+                (16, 16),
+                (4, 4),
+                hidden_size=32,
+                mlp_dim=64,
+                num_layers=2,
+                num_heads=4,
+                spatial_dims=2,
+                classification=True,
+                num_classes=3,
+            ),
+            (2, 1, 16, 16),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name, make, shape", _monai_gated_nets(), ids=[n for n, *_ in _monai_gated_nets()])
+def test_se_swish_and_vit_nets_are_scored(name, make, shape):
+    torch.manual_seed(0)
+    net = make().eval()
+    rel = channel_relevance(net, [(torch.randn(shape), torch.tensor([0, 1]))], "dlb", progress=False)
+    layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    assert sorted(rel) == sorted(layers)
+    se = [n for n in layers if "se_layer" in n or "_se_" in n]
+    assert bool(se) == (name != "vit")
+    for n in layers:
+        assert torch.isfinite(rel[n]).all(), n
+        if n in se:  # squeeze-excitation gates are constants: their layers get no relevance
+            assert rel[n].sum() == 0, n
+        else:
+            assert rel[n].sum() > 0, n

@@ -148,3 +148,23 @@ def test_segmentation_target_from_mask():
     )
     some = next(iter(rel))
     assert not torch.allclose(rel[some], other[some])
+
+
+def test_metatensor_inputs_with_inplace_residual_adds():
+    """MONAI MetaTensor batches (LoadImaged output) must score every layer of SegResNet (``x += identity``)."""
+    from monai.data import MetaTensor
+    from monai.networks.nets import SegResNet
+
+    net = SegResNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        init_filters=4,
+        blocks_down=(1, 1),
+        blocks_up=(1,),
+        norm="batch",
+    )
+    x = MetaTensor(torch.randn(2, 1, 16, 16))
+    label = MetaTensor((torch.rand(2, 1, 16, 16) > 0.5).float())
+    rel = channel_relevance(net, [{"image": x, "label": label}], "taylor", progress=False)
+    assert len(rel) == len([m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])

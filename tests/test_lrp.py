@@ -294,3 +294,89 @@ def test_relevance_matches_propagate_output_layer_start():
     _, grads = _propagate(model, x, class_select(2), {"fc": model.fc}, "epsilon", EPS, EPS, "auto")
     out = model(x)
     torch.testing.assert_close(grads["fc"], class_select(2)(out) * out)
+
+
+def _zennit_reference(name: str):
+    """zennit's own rules for a named composite (a merged-away BatchNorm, an exact identity, passes relevance)."""
+    from zennit.composites import LayerMapComposite, layer_map_base
+    from zennit.core import Composite
+    from zennit.rules import Epsilon, Pass, ZPlus
+    from zennit.types import Linear as ZennitLinear
+
+    from monai_iaprune.relevance.canonizers import is_merged_identity
+
+    bn = [(nn.modules.batchnorm._BatchNorm, Epsilon(EPS))]
+    if name == "epsilon_plus_flat":
+        inner = EpsilonPlusFlat(epsilon=EPS, stabilizer=EPS, layer_map=bn)
+    else:
+        rule = Epsilon(EPS) if name == "epsilon" else ZPlus(stabilizer=EPS)
+        inner = LayerMapComposite(bn + layer_map_base(EPS) + [(ZennitLinear, rule)])
+
+    def module_map(ctx, module_name, module):
+        return Pass() if is_merged_identity(module) else inner.module_map(ctx, module_name, module)
+
+    return Composite(module_map=module_map)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon", "zplus"])
+@pytest.mark.parametrize("net", ["densenet", "resnet18"])
+def test_output_rules_equal_zennit_rules(composite, net):
+    # the package's rules skip zennit's discarded native backward; values must stay zennit's, layer by layer
+    torch.manual_seed(0)
+    model = RESTORE_NETS[net]()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, -1.0, 1.5)
+            nn.init.normal_(m.bias)
+    model = model.double().eval()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.double)
+    layers = prunable_layers(model)
+    rel, grads = _propagate(model, x, class_select(1), layers, composite, EPS, EPS, "auto")
+    ref_rel, ref = _propagate(
+        model, x, class_select(1), layers, _zennit_reference(composite), EPS, EPS, "auto"
+    )
+    torch.testing.assert_close(rel, ref_rel, rtol=1e-9, atol=1e-12)
+    assert set(grads) == set(ref) == set(layers)
+    for name in layers:
+        assert ref[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_session_keeps_the_model_canonized_and_equals_lrp():
+    from monai_iaprune.relevance.lrp import lrp_session
+
+    model = RESTORE_NETS["densenet"]().eval()
+    xs = [torch.randn(2, 1, 32, 32), torch.randn(3, 1, 32, 32)]
+    layers = prunable_layers(model)
+    ref = model(xs[0])
+    expected = [lrp(model, x, class_select(0), layers) for x in xs]
+    with lrp_session(model, layers) as per_batch:
+        got = [per_batch(model, x, class_select(0), layers) for x in xs]
+        assert any(m._forward_hooks for m in model.modules())  # hooks stay between batches
+    for e, g in zip(expected, got):
+        assert set(e) == set(g) == set(layers)
+        for name in layers:
+            torch.testing.assert_close(g[name], e[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model(xs[0]), ref, rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_plan_is_traced_once_per_model_and_shape(monkeypatch):
+    from monai_iaprune.relevance import canonizers
+
+    calls = []
+    real = canonizers.merge_pairs
+    monkeypatch.setattr(canonizers, "merge_pairs", lambda m, x: calls.append(1) or real(m, x))
+    model = RESTORE_NETS["densenet"]().eval()
+    layers = prunable_layers(model)
+    first = lrp(model, torch.randn(2, 1, 32, 32), class_select(0), layers)
+    lrp(model, torch.randn(1, 1, 32, 32), class_select(0), layers)  # other batch size: same plan
+    assert len(calls) == 1
+    lrp(model, torch.randn(1, 1, 48, 48), class_select(0), layers)  # other spatial shape: traced again
+    assert len(calls) == 2
+    model.features.denseblock1.denselayer1.layers.norm2 = nn.BatchNorm2d(8).eval()  # a replaced module
+    lrp(model, torch.randn(1, 1, 32, 32), class_select(0), layers)
+    assert len(calls) == 3 and set(first) == set(layers)

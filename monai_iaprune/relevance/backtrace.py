@@ -33,9 +33,24 @@ Choices where MONAI nets have constructs the package has no rule for (it passes 
 - **BatchNorm / InstanceNorm / GroupNorm / LayerNorm** are the affine unit ``y = a x + c`` they
   compute (``a = gamma / sigma`` from the statistics in use, ``c = y - a x``); the DLB dense rule on
   that unit gives ``R_x = |a x| / (|a x| + |c|) R_y`` (the shift takes the bias share).
-- Any other module or functional op on the relevance path (``x * gate`` in squeeze-excitation,
-  attention, ...) has no faithful DLB rule here: the forward pass raises ``NotImplementedError``
-  naming the module or op rather than silently back-propagating plain gradients.
+- **Gates** (``x * sigmoid(s)``: MONAI ``ChannelSELayer``, EfficientNet's squeeze-excitation): the
+  sigmoid output is a constant; all relevance takes the gated path ``x``, the gate branch gets none
+  (as LRP here does). ``x * sigmoid(x)`` (MONAI ``Swish``) is thereby an activation that passes
+  relevance through.
+- **Element-wise activations** as modules or functions (SiLU / Swish / MemoryEfficientSwish, GELU,
+  Mish, ...): relevance passes through, as for ReLU. Scaling by a constant (``x * c``, ``x / c``)
+  likewise.
+- **Attention** (MONAI ``SABlock``, SwinUNETR ``WindowAttention``, fused
+  ``scaled_dot_product_attention``): the attention weights are constants (CP-LRP, as the LRP
+  canonizer does); ``weights @ values`` is then a linear map of the values with constant weights,
+  and any such product with a constant (``einsum`` / ``matmul``) gets the dense rule without bias,
+  ``R_j = sum_i R_i |w_ij x_j| / sum_j |w_ij x_j|``. Query / key channels get no relevance.
+- **einops ``Rearrange``** (ViT patch / head layouts) and other reshapes / permutations: relevance
+  follows the elements.
+- Anything else on the relevance path (a product of two relevance-carrying tensors that is no gate,
+  ``exp``, a leaf module without a rule, ...) has no faithful DLB rule here: the forward pass raises
+  ``NotImplementedError`` naming the module or op rather than silently back-propagating plain
+  gradients.
 - In-place activations (``nn.ReLU(inplace=True)``) are switched off while relevance is computed and
   restored after, so that a rule never sees its input overwritten.
 
@@ -59,15 +74,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks.activation import MemoryEfficientSwish, Swish
+from monai.networks.blocks.activation import Mish as MonaiMish
+from monai.utils import optional_import
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from monai_iaprune.relevance.canonizers import attention_types
 from monai_iaprune.relevance.collect import SelectionFn, register_method
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
 
 __all__ = ["ACTIVATION_RANGES", "backtrace", "backtrace_relevance_maps"]
+
+Rearrange, _HAS_EINOPS = optional_import("einops.layers.torch", name="Rearrange")
 
 # (lower, upper) pre-activation range outside which DLB silences one side (dl-backtrace's activation_master)
 ACTIVATION_RANGES: dict[type[nn.Module], tuple[float | None, float | None]] = {
@@ -107,6 +128,9 @@ _ACTIVATIONS = (
     nn.Hardsigmoid,
     nn.Tanh,
     nn.Softmax,
+    Swish,
+    MemoryEfficientSwish,
+    MonaiMish,
 )
 # relevance follows the elements: the plain gradient is the DLB rule
 _ELEMENT_MOVERS = (
@@ -127,7 +151,7 @@ _ELEMENT_MOVERS = (
     nn.PixelShuffle,
     nn.PixelUnshuffle,
     nn.ChannelShuffle,
-)
+) + ((Rearrange,) if _HAS_EINOPS else ())
 
 _T = torch.Tensor
 _ADD_OPS = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.add_}
@@ -187,6 +211,42 @@ _ELEMENT_OPS = {
 }
 
 
+# element-wise activations called as functions: relevance passes through, as for activation modules
+_GATE_OPS = {torch.sigmoid, _T.sigmoid, F.sigmoid, F.hardsigmoid}  # their outputs are gates
+_ACTIVATION_OPS = _GATE_OPS | {
+    torch.relu,
+    torch.relu_,
+    _T.relu,
+    _T.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.leaky_relu_,
+    F.elu,
+    F.elu_,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardtanh,
+    F.hardtanh_,
+    F.softplus,
+    torch.tanh,
+    _T.tanh,
+    F.tanh,
+    torch.softmax,
+    _T.softmax,
+    F.softmax,
+}
+_MUL_OPS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, _T.__imul__, _T.mul_}
+_DIV_OPS = {torch.div, torch.true_divide, _T.div, _T.__truediv__, _T.__itruediv__, _T.div_}
+_INPLACE_PRODUCT_OPS = {_T.__imul__, _T.mul_, _T.__itruediv__, _T.div_}
+_PRODUCT_OPS = {torch.matmul, torch.bmm, torch.einsum, _T.matmul, _T.__matmul__, _T.bmm}
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den``, 0 where ``den == 0`` (a unit with no contribution and no bias passes nothing)."""
     zero = den == 0
@@ -204,6 +264,78 @@ class _RuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         return ctx.rule.backward(relevance), None, None
+
+
+class _PassFunction(torch.autograd.Function):
+    """``out`` (an element-wise function of ``x``, or ``x`` scaled by a constant); backward passes relevance to ``x``
+    unchanged (summed where ``x`` was broadcast)."""
+
+    @staticmethod
+    def forward(ctx, x, out):
+        ctx.x_shape = x.shape
+        ctx.mark_dirty(out)  # ``out`` is a fresh detached result: re-used in place, no copy
+        return out
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return relevance.sum_to_size(ctx.x_shape), None
+
+
+class _GateFunction(torch.autograd.Function):
+    """``x * gate`` with the gate a constant: all relevance to ``x`` (the gated path), none to the gate."""
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        ctx.shapes = (x.shape, gate.shape)
+        return x * gate
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return relevance.sum_to_size(ctx.shapes[0]), relevance.new_zeros(ctx.shapes[1])
+
+
+class _ConstantProductFunction(torch.autograd.Function):
+    """``fn(const, x)`` (or ``fn(x, const)``): a linear map of ``x`` with constant weights (attention weights, a
+    frozen matrix). Backward is the DLB dense rule without bias: ``R_j = sum_i R_i |w_ij x_j| / sum_j |w_ij x_j|``."""
+
+    @staticmethod
+    def forward(ctx, fn, const_first, const, x):
+        ctx.fn, ctx.const_first = fn, const_first
+        ctx.save_for_backward(const, x)
+        return fn(const, x) if const_first else fn(x, const)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        const, x = ctx.saved_tensors
+        ca = const.detach().abs()
+        with torch.enable_grad():
+            xa = x.detach().abs().requires_grad_(True)
+            z = ctx.fn(ca, xa) if ctx.const_first else ctx.fn(xa, ca)
+            (g,) = torch.autograd.grad(z, xa, _safe_div(relevance, z.detach()))
+        return None, None, None, xa.detach() * g
+
+
+def _einsum_fn(equation: str):
+    def fn(a, b):
+        return torch.einsum(equation, a, b)
+
+    return fn
+
+
+def _explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """``scaled_dot_product_attention`` with the attention weights as constants (eval: no dropout)."""
+    q, k = query.detach(), key.detach()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    att = q @ k.transpose(-2, -1) * scale
+    if is_causal:
+        n, m = att.shape[-2:]
+        att = att.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=att.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
+    att = att.softmax(-1)
+    if not value.requires_grad:
+        return att @ value
+    return _ConstantProductFunction.apply(torch.matmul, True, att, value)
 
 
 class _SumFunction(torch.autograd.Function):
@@ -459,6 +591,15 @@ class _State:
         self.depth = 0
         self.stack: list[str] = []
         self.producers: dict[int, tuple[torch.Tensor, _Rule]] = {}
+        self.gates: dict[int, torch.Tensor] = {}  # sigmoid outputs (kept alive so ids stay unique)
+        self.attention = 0  # > 0 inside an attention module: products of two relevance paths are constants
+
+    def mark_gate(self, t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            self.gates[id(t)] = t
+
+    def is_gate(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and self.gates.get(id(t)) is t
 
     def where(self) -> str:
         return repr(self.stack[-1]) if self.stack else "the model's top-level forward"
@@ -495,14 +636,96 @@ class _BacktraceMode(TorchFunctionMode):
                     return a.copy_(out)
                 return out
             return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        if func in _ELEMENT_OPS or not _needs_relevance(out) or not _needs_relevance((args, kwargs)):
+        if func in _ACTIVATION_OPS and args and _grad(args[0]):
+            out = self._activation(func, args, kwargs)
+            if func in _GATE_OPS:
+                self.state.mark_gate(out)
             return out
+        if (func in _MUL_OPS or func in _DIV_OPS) and len(args) >= 2 and (_grad(args[0]) or _grad(args[1])):
+            return self._product(func, args, kwargs)
+        if func in _PRODUCT_OPS and not kwargs:
+            out = self._matmul(func, args)
+            if out is not None:
+                return out
+        if func is F.scaled_dot_product_attention:
+            return _explicit_attention(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _ELEMENT_OPS:
+            if any(self.state.is_gate(t) for t in tree_flatten((args, kwargs))[0]):
+                for t in tree_flatten(out)[0]:
+                    self.state.mark_gate(t)  # a reshaped / sliced gate is still a gate
+            return out
+        if not _needs_relevance(out) or not _needs_relevance((args, kwargs)):
+            return out
+        self._unsupported(func)
+
+    def _unsupported(self, func: Any, what: str = "") -> None:
         raise NotImplementedError(
-            f"DL-Backtrace has no rule for the op {_op_name(func)} on the relevance path in module "
-            f"{self.state.where()}; supported: modules (conv, linear, norm, pool, activation) and sums, "
-            "concatenations and reshapes between them"
+            f"DL-Backtrace has no rule for the op {_op_name(func)}{what} on the relevance path in module "
+            f"{self.state.where()}; supported: modules (conv, linear, norm, pool, activation), sums, "
+            "concatenations and reshapes, element-wise activations, gates (x * sigmoid(.)), scaling and "
+            "products with a constant, and attention (weights held constant)"
         )
+
+    @staticmethod
+    def _activation(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Element-wise activation: relevance passes to its input unchanged."""
+        x = args[0]
+        inplace = (
+            kwargs.get("inplace") is True or any(a is True for a in args[1:]) or _op_name(func).endswith("_")
+        )
+        if inplace:  # compute on a copy, then write back, so the gradient of x's old value is the pass rule
+            val = func(x.detach().clone(), *args[1:], **kwargs)
+            return x.copy_(_PassFunction.apply(x, val))
+        out = func(*args, **kwargs).detach()
+        return _PassFunction.apply(x, out.clone() if out.data_ptr() == x.data_ptr() else out)
+
+    def _product(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``a * b`` / ``a / b`` with relevance on one or both sides."""
+        a, b = args[0], args[1]
+        inplace = func in _INPLACE_PRODUCT_OPS
+        if _grad(a) and _grad(b):
+            if func in _DIV_OPS:
+                self._unsupported(func, " (division by a tensor on the relevance path)")
+            if self.state.is_gate(a) != self.state.is_gate(b):
+                x, gate = (b, a) if self.state.is_gate(a) else (a, b)
+                out = _GateFunction.apply(x, gate)  # the gate is a constant: relevance takes the gated path
+            elif self.state.attention > 0:
+                return func(a.detach(), b.detach(), *args[2:], **kwargs)  # attention scores: constants
+            else:
+                self._unsupported(
+                    func, " (product of two tensors on the relevance path, neither a sigmoid gate)"
+                )
+        elif _grad(b):
+            if func in _DIV_OPS:
+                self._unsupported(func, " (division by a tensor on the relevance path)")
+            out = _PassFunction.apply(b, func(a, b.detach(), *args[2:], **kwargs))
+        else:  # scaled by a constant: each output element comes from one input element
+            val = func(a.detach().clone() if inplace else a.detach(), b, *args[2:], **kwargs)
+            out = _PassFunction.apply(a, val)
+        return a.copy_(out) if inplace else out
+
+    def _matmul(self, func: Any, args: tuple) -> torch.Tensor | None:
+        """A matrix product / 2-operand einsum with relevance on one side (or None: not handled here)."""
+        if func is torch.einsum:
+            ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            fn = _einsum_fn(args[0])
+        else:
+            ops, fn = args, func
+        if len(ops) != 2 or not (_grad(ops[0]) or _grad(ops[1])):
+            return None
+        a, b = ops
+        if _grad(a) and _grad(b):
+            if self.state.attention > 0:
+                return fn(a.detach(), b.detach())  # query-key scores: the attention weights are constants
+            self._unsupported(func, " (product of two tensors on the relevance path)")
+        const_first = _grad(b)
+        const, x = (a, b) if const_first else (b, a)
+        return _ConstantProductFunction.apply(fn, const_first, torch.as_tensor(const).detach(), x)
+
+
+def _grad(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 @contextmanager
@@ -510,6 +733,7 @@ def _backtrace_hooks(model: nn.Module) -> Iterator[_State]:
     """Install the DLB rule hooks on ``model`` (in-place activations switched off) for one forward."""
     state = _State()
     handles = []
+    attention = attention_types()
     inplace = [(m, m.inplace) for m in model.modules() if getattr(m, "inplace", False) is True]
     for m, _ in inplace:
         m.inplace = False
@@ -517,6 +741,8 @@ def _backtrace_hooks(model: nn.Module) -> Iterator[_State]:
     def pre_hook(name: str, module: nn.Module, rule: type[_Rule] | None | bool):
         def fn(mod, args):
             state.stack.append(name or type(model).__name__)
+            if isinstance(mod, attention):
+                state.attention += 1
             if rule is not False:
                 state.depth += 1
             elif not any(True for _ in mod.children()) and _needs_relevance(args) and state.depth == 0:
@@ -548,11 +774,15 @@ def _backtrace_hooks(model: nn.Module) -> Iterator[_State]:
             r.producer = state.producers[id(x)][1]
         new = _RuleFunction.apply(x, output.detach(), r)
         state.producers[id(new)] = (new, r)
+        if isinstance(mod, (nn.Sigmoid, nn.Hardsigmoid)):
+            state.mark_gate(new)
         return new
 
     def post_hook(name: str, rule: type[_Rule] | None | bool):
         def fn(mod, args, output):
             state.stack.pop()
+            if isinstance(mod, attention):
+                state.attention -= 1
             if rule is False:
                 return None
             try:  # still "inside" the module while the rule is built: the mode lets its ops through

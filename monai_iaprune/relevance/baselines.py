@@ -25,14 +25,23 @@ def magnitude(
 
 
 @register_method("random", data_free=True)
-def random(model: nn.Module, inputs, select, layers: dict[str, nn.Module], seed: int = 0, **_) -> dict[str, torch.Tensor]:
+def random(
+    model: nn.Module, inputs, select, layers: dict[str, nn.Module], seed: int = 0, **_
+) -> dict[str, torch.Tensor]:
     """Uniform random scores (seeded, independent of the global RNG)."""
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.rand(m.weight.shape[1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0], generator=g) for name, m in layers.items()}
+    return {
+        name: torch.rand(
+            m.weight.shape[1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0], generator=g
+        )
+        for name, m in layers.items()
+    }
 
 
 @register_method("taylor")
-def taylor(model: nn.Module, inputs: torch.Tensor, select: SelectionFn, layers: dict[str, nn.Module], **_) -> dict[str, torch.Tensor]:
+def taylor(
+    model: nn.Module, inputs: torch.Tensor, select: SelectionFn, layers: dict[str, nn.Module], **_
+) -> dict[str, torch.Tensor]:
     """First-order Taylor: per sample, ``sum over positions of gradient x activation`` (Molchanov et al. 2017).
 
     The collector takes its absolute value per sample and averages over samples.

@@ -23,6 +23,7 @@ of relevance to its own input, which conserves the sum (tested in ``tests/test_l
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ __all__ = [
     "ResidualSumCanonizer",
     "SEGateCanonizer",
     "auto_canonizers",
+    "cached_merge_pairs",
+    "is_merged_identity",
     "merge_pairs",
 ]
 
@@ -134,6 +137,49 @@ def merge_pairs(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str
     return pairs
 
 
+_MERGE_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[tuple[str, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_merge_pairs(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, str]]:
+    """``merge_pairs``, traced once per model structure and input shape (the plan depends on neither values nor
+    weights), so that explaining batch after batch does not pay an extra traced forward pass each time.
+
+    The key is the identity and order of every submodule and whether its ``forward`` is rewritten (replacing or
+    adding a module re-traces; torch-pruning, which changes modules in place, keeps the plan valid) and the
+    input's shape, dtype and device.
+
+    Args:
+        model: the network (eval mode).
+        example_input: one input batch.
+    """
+    modules = list(model.modules())
+    key = (
+        tuple(map(id, modules)),
+        tuple("forward" in m.__dict__ for m in modules),  # a canonizer's rewritten forward changes the graph
+        tuple(example_input.shape[1:]),
+        example_input.dtype,
+        example_input.device,
+    )
+    plans = _MERGE_PLANS.setdefault(model, {})
+    if key not in plans:
+        if len(plans) >= 8:  # bound the cache: shapes of one model rarely vary more than this
+            plans.clear()
+        plans[key] = merge_pairs(model, example_input)
+    return list(plans[key])
+
+
+def _merged_identity(x: torch.Tensor) -> torch.Tensor:
+    """Forward of a BatchNorm merged into the layer before it (what its emptied parameters compute, exactly)."""
+    return x
+
+
+def is_merged_identity(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm that ``GraphMergeBatchNorm`` has merged away (an identity until removed)."""
+    return module.__dict__.get("forward") is _merged_identity
+
+
 class GraphMergeBatchNorm(MergeBatchNorm):
     """Merge each BatchNorm into the conv / linear layer that feeds it directly, found by tracing a forward pass.
 
@@ -156,13 +202,24 @@ class GraphMergeBatchNorm(MergeBatchNorm):
             raise ValueError("GraphMergeBatchNorm needs example_input (one input batch) to trace the model")
         lookup = dict(root_module.named_modules())
         instances = []
-        for linear_name, bn_name in merge_pairs(root_module, self.example_input):
+        for linear_name, bn_name in cached_merge_pairs(root_module, self.example_input):
             instance = MergeBatchNorm.__new__(type(self))
             MergeBatchNorm.__init__(instance)
             instance.example_input = None
             instance.register((lookup[linear_name],), lookup[bn_name])
             instances.append(instance)
         return instances
+
+    def register(self, linears, batch_norm) -> None:
+        """Merge, then skip the emptied BatchNorm: its forward becomes the identity until ``remove``."""
+        super().register(linears, batch_norm)
+        batch_norm.forward = _merged_identity
+
+    def remove(self) -> None:
+        """Undo the merge and give the BatchNorm its own forward back."""
+        super().remove()
+        if self.batch_norm is not None and self.batch_norm.__dict__.get("forward") is _merged_identity:
+            del self.batch_norm.forward
 
     @staticmethod
     def merge_batch_norm(modules, batch_norm) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -19,6 +20,9 @@ class RelevanceMethod(Protocol):
 
     ``select(output)`` gives the 0/1 selection of the output being explained (see ``targets``).
     Data-free methods (``data_free = True``) are called once with ``inputs=None`` and return ``[C]``.
+    A method may have a ``session(model, layers, **kwargs)`` attribute: a context manager, entered at the first
+    batch and left after the last, that yields the per-batch function to call instead (e.g. LRP keeps its
+    canonizers and hooks applied over all batches of one ``channel_relevance`` call).
     """
 
     data_free: bool
@@ -74,6 +78,17 @@ def split_batch(batch: Any, image_key: str = "image", label_key: str = "label") 
     if isinstance(batch, (list, tuple)) and len(batch) >= 1:
         return batch[0], (batch[1] if len(batch) > 1 else None)
     raise TypeError(f"cannot read inputs from a batch of type {type(batch).__name__}")
+
+
+def plain_tensor(value: Any) -> torch.Tensor:
+    """A plain ``torch.Tensor`` from a MONAI ``MetaTensor``, array or tensor.
+
+    MetaTensor's ``__torch_function__`` wraps every op, which breaks hooks that track in-place
+    residual additions (e.g. SegResNet's ``x += identity``); relevance needs only the values.
+    """
+    if hasattr(value, "as_tensor"):
+        return value.as_tensor()
+    return torch.as_tensor(value)
 
 
 def spatial_dims(model: nn.Module) -> int | None:
@@ -178,6 +193,7 @@ def channel_relevance(
         device = p.device if p is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
+    stack: contextlib.ExitStack | None = None
     try:
         if fn.data_free:
             values = {
@@ -197,25 +213,31 @@ def channel_relevance(
         sums: dict[str, torch.Tensor] = {}
         count = 0
         example = None
+        # a method may keep per-call state over the batches (e.g. LRP's canonizers and hooks): ``fn.session``
+        stack = contextlib.ExitStack()
+        run = fn
         for i, batch in enumerate(_progress(data, progress, f"relevance ({method})")):
             if max_batches is not None and i >= max_batches:
                 break
             inputs, label = split_batch(batch, image_key, label_key)
-            inputs = torch.as_tensor(inputs).to(device).float()
+            inputs = plain_tensor(inputs).to(device).float()
             check_input_dims(model, inputs)
             if label is not None:
-                label = torch.as_tensor(label).to(device)
+                label = plain_tensor(label).to(device)
             if example is None:
                 example = inputs[:1].detach().cpu()
                 if _returns_sequence(model, inputs[:1]):
                     fn_model = FirstOutput(model)
                 else:
                     fn_model = model
+                session = getattr(fn, "session", None)
+                if session is not None:
+                    run = stack.enter_context(session(fn_model, chosen, **method_kwargs))
 
             def select(output: torch.Tensor, _label=label) -> torch.Tensor:
                 return target_selection(output, _label, target)
 
-            per_sample = fn(fn_model, inputs, select, chosen, **method_kwargs)
+            per_sample = run(fn_model, inputs, select, chosen, **method_kwargs)
             _check_finite(per_sample, method)
             for name, v in per_sample.items():
                 v = v.detach().double()
@@ -223,6 +245,7 @@ def channel_relevance(
                 s = v.sum(0).cpu()
                 sums[name] = s if name not in sums else sums[name] + s
             count += inputs.shape[0]
+        stack.close()
         if count == 0:
             raise ValueError("empty data: the loader yielded no batches, so no relevance could be collected")
         values = {k: (v / count).float() for k, v in sums.items()}
@@ -238,6 +261,8 @@ def channel_relevance(
                 )
         return ChannelRelevance(values, method, count, example)
     finally:
+        if stack is not None:
+            stack.close()  # on an error mid-loop: the method's session restores the model
         model.train(was_training)
 
 

@@ -22,11 +22,18 @@ TargetSpec = str | int | Callable[[torch.Tensor, torch.Tensor | None], torch.Ten
 
 def _class_index_from_label(label: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
     label = torch.as_tensor(label)
-    if label.ndim == 2 and label.shape[1] == num_classes and num_classes > 1 and label.dtype.is_floating_point:
+    if (
+        label.ndim == 2
+        and label.shape[1] == num_classes
+        and num_classes > 1
+        and label.dtype.is_floating_point
+    ):
         return label.argmax(1)  # one-hot / soft labels
     label = label.reshape(batch, -1)
     if label.shape[1] != 1:
-        raise ValueError(f"classification label must hold one class per sample, got shape {tuple(label.shape)}")
+        raise ValueError(
+            f"classification label must hold one class per sample, got shape {tuple(label.shape)}"
+        )
     return label[:, 0].long()
 
 
@@ -44,12 +51,16 @@ def _segmentation_class_map(label: torch.Tensor, output: torch.Tensor) -> torch.
     )
 
 
-def target_selection(output: torch.Tensor, label: torch.Tensor | None, target: TargetSpec = "label") -> torch.Tensor:
+def target_selection(
+    output: torch.Tensor, label: torch.Tensor | None, target: TargetSpec = "label"
+) -> torch.Tensor:
     """Return the 0/1 selection of ``output`` (same shape) whose summed logits are explained."""
     if callable(target):
         sel = target(output, label)
         if sel.shape != output.shape:
-            raise ValueError(f"target callable returned shape {tuple(sel.shape)}, expected {tuple(output.shape)}")
+            raise ValueError(
+                f"target callable returned shape {tuple(sel.shape)}, expected {tuple(output.shape)}"
+            )
         return sel.to(output.dtype)
     if isinstance(target, str) and target not in ("label", "pred"):
         raise ValueError(f"unknown target {target!r}: use 'label', 'pred', a class index or a callable")
@@ -81,7 +92,11 @@ def target_selection(output: torch.Tensor, label: torch.Tensor | None, target: T
         else:
             mask = out > 0
         return mask.to(out.dtype)
-    cmap = _segmentation_class_map(torch.as_tensor(label, device=out.device), out) if target == "label" else out.argmax(1)
+    cmap = (
+        _segmentation_class_map(torch.as_tensor(label, device=out.device), out)
+        if target == "label"
+        else out.argmax(1)
+    )
     classes = [target] if isinstance(target, int) else list(range(1, k))
     sel = torch.zeros_like(out)
     for c in classes:
