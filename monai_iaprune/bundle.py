@@ -1,0 +1,198 @@
+"""Small steps the bundle configs run: setting checks, safe checkpoint load / save, train-if-needed.
+
+Every check runs before any work, so bad input fails fast with a message naming the problem and
+nothing on disk is overwritten (``models/model.pt`` is written only when it does not exist yet).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_epochs: int = 0) -> None:
+    """Raise ValueError for an unknown relevance method, a ratio outside (0, 1), or bad stage / epoch counts."""
+    from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded
+
+    _ensure_methods_loaded()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available relevance methods: {sorted(METHODS)}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(
+            f"bad ratio {ratio!r}: the fraction of parameters to remove must lie strictly between 0 and 1"
+        )
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"bad stages {stages!r}: need an integer >= 1")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ValueError(f"bad finetune_epochs {finetune_epochs!r}: need an integer >= 0")
+
+
+def check_dataset_dir(dataset_dir: str | os.PathLike | None) -> None:
+    """Raise FileNotFoundError when a non-empty ``dataset_dir`` does not exist (empty means the synthetic default)."""
+    if dataset_dir in (None, "", "None", "null"):
+        return
+    if not Path(os.path.expanduser(str(dataset_dir))).exists():
+        raise FileNotFoundError(f"dataset_dir does not exist: {dataset_dir}")
+
+
+def check_writable(paths: Iterable[str | os.PathLike], overwrite: bool = False) -> None:
+    """Raise FileExistsError when any of ``paths`` exists and ``overwrite`` is false (checked before any work)."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {existing}; move them away or pass --overwrite true")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_state_dict(network: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save ``network.state_dict()`` to ``path`` atomically; refuse to replace an existing file unless ``overwrite``."""
+    path = Path(path)
+    check_writable([path], overwrite)
+    _atomic_save(network.state_dict(), path)
+    return path
+
+
+def load_state_dict(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state-dict checkpoint into ``network``; a checkpoint of another architecture raises a clear error.
+
+    Accepts a plain state dict or a dict with a ``"state_dict"`` / ``"model"`` / ``"network"`` entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model", "network"):
+            if key in ckpt and isinstance(ckpt[key], dict):
+                ckpt = ckpt[key]
+                break
+    if isinstance(ckpt, nn.Module):
+        ckpt = ckpt.state_dict()
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    own = network.state_dict()
+    missing = [k for k in own if k not in ckpt]
+    unexpected = [k for k in ckpt if k not in own]
+    shapes = [
+        f"{k}: {tuple(ckpt[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in ckpt and hasattr(ckpt[k], "shape") and tuple(ckpt[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {path} does not match the architecture of {type(network).__name__} (network_def): "
+            f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}, "
+            f"{len(shapes)} shape mismatch(es) {shapes[:3]}. Was it saved by another bundle or network_def setting? "
+            "Pruned models (model_pruned.pt) load with monai_iaprune.bundle.load_network."
+        )
+    network.load_state_dict(ckpt)
+    return network
+
+
+def load_network(
+    network_def: nn.Module, path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The network for evaluation / inference: a pruned checkpoint (``save_pruned`` format) or a state dict.
+
+    Args:
+        network_def: a fresh, unpruned instance of the bundle's network.
+        path: ``models/model.pt`` (state dict) or ``models/model_pruned.pt`` (pruned structure + weights).
+        device: where to put the network.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(ckpt, dict) and (
+        "pruned_structure" in ckpt or "structure" in ckpt or "full_state_dict" in ckpt
+    ):
+        from monai_iaprune.pruning.checkpoint import load_pruned
+
+        # the recorded structure of some MONAI nets holds enums (SegResNet's UpsampleMode) that
+        # weights_only=True refuses; bundle checkpoints are the user's own files
+        return load_pruned(str(path), network_def=network_def, weights_only=False).to(device)
+    return load_state_dict(network_def, path).to(device)
+
+
+def load_or_train(
+    network: nn.Module,
+    checkpoint: str | os.PathLike,
+    trainer: Any,
+    timings: MutableMapping[str, float] | None = None,
+) -> str:
+    """Load ``checkpoint`` into ``network`` when it exists, else run ``trainer`` and save it there (never replacing).
+
+    Args:
+        network: the (unpruned) network the trainer optimises.
+        checkpoint: ``models/model.pt``.
+        trainer: a MONAI ``SupervisedTrainer`` on ``network``; only instantiated work is done when called.
+        timings: a dict (e.g. ``PruneReportHandler.timings_s``) that receives ``"pretrain"`` seconds.
+
+    Returns:
+        ``"loaded"`` or ``"trained"``.
+    """
+    path = Path(checkpoint)
+    t0 = time.perf_counter()
+    if path.exists():
+        load_state_dict(network, path)
+        source = "loaded"
+    else:
+        trainer.run()
+        save_state_dict(network, path)
+        source = "trained"
+    if timings is not None:
+        timings["pretrain" if source == "trained" else "load_checkpoint"] = time.perf_counter() - t0
+    return source
+
+
+def save_pruned_model(
+    network: nn.Module,
+    path: str | os.PathLike,
+    torchscript_path: str | os.PathLike | None,
+    example_inputs: torch.Tensor,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
+    """Save the pruned network (structure + weights) and optionally its TorchScript export; returns the paths."""
+    from monai_iaprune.pruning.checkpoint import export_torchscript, save_pruned
+
+    net = network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
+    targets = [p for p in (path, torchscript_path) if p]
+    check_writable(targets, overwrite)
+    save_pruned(net, str(path), extra=extra, overwrite=overwrite)
+    out = [str(path)]
+    if torchscript_path:
+        device = next(net.parameters()).device
+        export_torchscript(net, str(torchscript_path), example_inputs.to(device), overwrite=overwrite)
+        out.append(str(torchscript_path))
+    return out
+
+
+__all__ = [
+    "check_dataset_dir",
+    "check_prune_settings",
+    "check_writable",
+    "load_network",
+    "load_or_train",
+    "load_state_dict",
+    "save_pruned_model",
+    "save_state_dict",
+]

@@ -1,0 +1,207 @@
+"""Handler that measures a pruning run (metric, params, MACs, latency before / after) and writes the prune report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_iaprune.distributed import rank
+from monai_iaprune.pruning.prune import count_macs, count_params
+from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
+from monai_iaprune.report.prune_report import measure_latency, package_versions, write_prune_report
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+
+class PruneReportHandler:
+    """Record a pruning trainer's before / pruned / after state and write ``prune_report.json`` + ``.md``.
+
+    Attach it to the trainer that carries a ``RelevancePruningHandler``, *before* that handler (ignite runs
+    handlers of one event in the order they were attached): at the end of the first pruning epoch it runs
+    ``evaluator`` and measures params, MACs and latency of the still unpruned network; when the trainer
+    completes it runs ``evaluator`` again, measures the pruned, fine-tuned network and writes the report.
+    The metric right after pruning (before fine-tuning) is read from the pruning handler's ``history``.
+
+    Args:
+        evaluator: a MONAI ``SupervisedEvaluator`` over validation data, sharing the trainer's network.
+        output_dir: folder for ``prune_report.json`` / ``prune_report.md``.
+        example_inputs: one input batch for MACs and latency (e.g. ``torch.rand(1, 1, 32, 32)``).
+        pruning_handler: the ``RelevancePruningHandler`` attached to the same trainer (for ``prune_epochs``,
+            ``method``, ``ratio``, ``stages`` and per-stage ``history``).
+        key_metric: evaluator metric to report; default the evaluator's key metric.
+        latency_warmup, latency_repeats: see ``monai_iaprune.report.prune_report.measure_latency``.
+        settings: extra fields copied into the report (e.g. ``finetune_epochs``, bundle name, command).
+        name: report file stem.
+
+    Note:
+        ``timings_s`` may be filled from outside before the trainer completes (e.g. ``pretrain`` by the
+        bundle), and the written report is kept as ``self.report``. In distributed runs attach it
+        on every rank (it runs the evaluator, whose metrics are synchronised across ranks); only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        evaluator: Any,
+        output_dir: str,
+        example_inputs: torch.Tensor,
+        pruning_handler: Any = None,
+        key_metric: str | None = None,
+        latency_warmup: int = 3,
+        latency_repeats: int = 20,
+        settings: Mapping[str, Any] | None = None,
+        name: str = "prune_report",
+    ) -> None:
+        if evaluator is None or not hasattr(evaluator, "run"):
+            raise ValueError("evaluator must be a MONAI evaluator (an ignite Engine with run())")
+        if not isinstance(example_inputs, torch.Tensor):
+            raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
+        self.evaluator = evaluator
+        self.output_dir = str(output_dir)
+        self.example_inputs = example_inputs
+        self.pruning_handler = pruning_handler
+        self.key_metric = key_metric
+        self.latency_warmup = latency_warmup
+        self.latency_repeats = latency_repeats
+        self.settings = dict(settings or {})
+        self.name = name
+        self.timings_s: dict[str, float] = {}
+        self.before: dict[str, Any] | None = None
+        self.report: dict[str, Any] | None = None
+        self._epoch_t0 = 0.0
+        self._run_t0 = 0.0
+        self._attached: set[int] = set()
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (once): epoch timing, the before-pruning snapshot and the final report."""
+        if id(engine) in self._attached:
+            return
+        self._attached.add(id(engine))
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    # -- helpers ------------------------------------------------------------------------------------------------------
+    def _first_prune_epoch(self) -> int:
+        epochs = getattr(self.pruning_handler, "prune_epochs", None)
+        return int(min(epochs)) if epochs else 1
+
+    def _evaluate(self) -> float | None:
+        self.evaluator.run()
+        metrics = self.evaluator.state.metrics
+        key = self.key_metric or getattr(self.evaluator.state, "key_metric_name", None)
+        if key is None or key not in metrics:
+            raise KeyError(f"evaluator has no metric {key!r} (metrics: {sorted(metrics)}); set key_metric")
+        self.key_metric = key
+        return float(metrics[key])
+
+    def _measure(self, network: torch.nn.Module) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        device = next(network.parameters()).device
+        x = self.example_inputs.to(device)
+        out = {
+            "params": count_params(network),
+            "macs": count_macs(network, x),
+            "latency": measure_latency(network, x, warmup=self.latency_warmup, repeats=self.latency_repeats),
+            "channels": {
+                n: out_channels(m) for n, m in network.named_modules() if isinstance(m, PRUNABLE_TYPES)
+            },
+        }
+        self._add_time("latency_and_counts", time.perf_counter() - t0)
+        return out
+
+    def _add_time(self, phase: str, seconds: float) -> None:
+        self.timings_s[phase] = self.timings_s.get(phase, 0.0) + float(seconds)
+
+    @staticmethod
+    def _network(engine: Engine) -> torch.nn.Module:
+        net = engine.network
+        return net.module if hasattr(net, "module") and isinstance(net.module, torch.nn.Module) else net
+
+    # -- events -------------------------------------------------------------------------------------------------------
+    def _started(self, engine: Engine) -> None:
+        self._run_t0 = time.perf_counter()
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._epoch_t0 = time.perf_counter()
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        phase = "train_before_pruning" if engine.state.epoch <= self._first_prune_epoch() else "finetune"
+        self._add_time(phase, time.perf_counter() - self._epoch_t0)
+        if self.before is not None or engine.state.epoch != self._first_prune_epoch():
+            return
+        if getattr(self.pruning_handler, "history", None):
+            raise RuntimeError(
+                "PruneReportHandler must be attached before RelevancePruningHandler (it pruned first)"
+            )
+        t0 = time.perf_counter()
+        metric = self._evaluate()
+        self._add_time("evaluate_before", time.perf_counter() - t0)
+        self.before = {"metric": metric, **self._measure(self._network(engine))}
+        engine.logger.info(
+            f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before['params']}"
+        )
+
+    def __call__(self, engine: Engine) -> None:
+        """At COMPLETED: evaluate and measure the final network, then write the report."""
+        if self.before is None:
+            raise RuntimeError(
+                f"the trainer completed without reaching the first pruning epoch ({self._first_prune_epoch()}); "
+                "give it at least that many epochs"
+            )
+        t0 = time.perf_counter()
+        metric_after = self._evaluate()
+        self._add_time("evaluate_after", time.perf_counter() - t0)
+        after = self._measure(self._network(engine))
+        history = list(getattr(self.pruning_handler, "history", None) or [])
+        for phase, key in (("relevance", "relevance_time_s"), ("prune", "prune_time_s")):
+            vals = [h.get(key) for h in history if h.get(key) is not None]
+            if vals:
+                self.timings_s[phase] = float(sum(vals))
+        self.timings_s["prune_trainer_total"] = time.perf_counter() - self._run_t0
+        ph = self.pruning_handler
+        before_ch, after_ch = self.before["channels"], after["channels"]
+        report: dict[str, Any] = {
+            "method": getattr(ph, "method", self.settings.get("method")),
+            "ratio": getattr(ph, "ratio", self.settings.get("ratio")),
+            "stages": getattr(ph, "stages", self.settings.get("stages")),
+            **{k: v for k, v in self.settings.items() if k not in ("method", "ratio", "stages")},
+            "params_before": self.before["params"],
+            "params_after": after["params"],
+            "params_removed": 1.0 - after["params"] / max(self.before["params"], 1),
+            "macs_before": self.before["macs"],
+            "macs_after": after["macs"],
+            "macs_removed": 1.0 - after["macs"] / max(self.before["macs"], 1.0),
+            "latency_ms_before": self.before["latency"]["median_ms"],
+            "latency_ms_after": after["latency"]["median_ms"],
+            "latency": {k: v for k, v in after["latency"].items() if not k.endswith("_ms")},
+            "latency_detail": {"before": self.before["latency"], "after": after["latency"]},
+            "metric_name": self.key_metric,
+            "metric_before": self.before["metric"],
+            "metric_pruned": history[-1].get("metric_pruned") if history else None,
+            "metric_after": metric_after,
+            "per_layer": [
+                {"name": n, "channels_before": c, "channels_after": after_ch.get(n, 0)}
+                for n, c in before_ch.items()
+            ],
+            "stages_detail": [{k: v for k, v in h.items() if k != "per_layer"} for h in history],
+            "timings_s": dict(self.timings_s),
+            "versions": package_versions(),
+        }
+        self.report = report
+        # under torch.distributed every rank measures (the evaluator is collective); rank 0 writes
+        if rank() > 0:
+            return
+        paths = write_prune_report(report, self.output_dir, self.name)
+        engine.logger.info(
+            f"prune report: params {report['params_before']} -> {report['params_after']}, "
+            f"{self.key_metric} {report['metric_before']:.4f} -> {report['metric_after']:.4f}; wrote {paths[0]}"
+        )

@@ -1,0 +1,266 @@
+"""The prune report: latency measurement, package versions, and the JSON + Markdown writer.
+
+A report is a plain dict; ``write_prune_report`` checks it holds every required field, then writes
+``prune_report.json`` and ``prune_report.md`` atomically (temp file in the same folder + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REQUIRED_FIELDS = (
+    "method",
+    "ratio",
+    "params_before",
+    "params_after",
+    "macs_before",
+    "macs_after",
+    "latency_ms_before",
+    "latency_ms_after",
+    "latency",
+    "metric_name",
+    "metric_before",
+    "metric_pruned",
+    "metric_after",
+    "per_layer",
+    "timings_s",
+    "versions",
+)
+
+PACKAGES = (
+    "monai-iaprune",
+    "monai",
+    "torch",
+    "torchvision",
+    "torch-pruning",
+    "zennit",
+    "captum",
+    "pytorch-ignite",
+    "numpy",
+    "nibabel",
+    "itk",
+)
+
+
+def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions of ``packages`` (``"not installed"`` where absent), plus python and the platform."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["torch_threads"] = str(torch.get_num_threads())
+    return out
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Median forward latency of ``model`` in eval mode on ``example_inputs``.
+
+    Args:
+        model: the network (its train/eval mode is restored).
+        example_inputs: the input batch; its batch size is reported.
+        warmup: untimed forward passes first.
+        repeats: timed forward passes (the median is reported).
+        device: where to run; default the model's device. CUDA is synchronised around each pass.
+
+    Returns:
+        ``{"median_ms", "mean_ms", "min_ms", "repeats", "batch_size", "input_shape", "device", "threads"}``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    x = example_inputs.to(device)
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    try:
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        model.train(was_training)
+    return {
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "repeats": repeats,
+        "batch_size": int(x.shape[0]),
+        "input_shape": list(x.shape),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist()) if obj.numel() != 1 else _jsonable(obj.item())
+    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):  # numpy scalars
+        try:
+            return _jsonable(obj.item())
+        except (TypeError, ValueError):
+            pass
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1e5 else f"{v:.{digits}g}"
+    return str(v)
+
+
+def _change(before: Any, after: Any) -> str:
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
+        return f"{100.0 * (after - before) / before:+.1f}%"
+    return ""
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """Render a prune report dict as Markdown (summary table, latency setup, timings, per-layer channels, versions)."""
+    r = report
+    lat = r.get("latency", {})
+    lines = [
+        f"# Prune report{': ' + r['bundle'] if r.get('bundle') else ''}",
+        "",
+        f"Method **{r['method']}**, requested ratio **{r['ratio']}** of parameters"
+        + (f" over {r['stages']} stage(s)" if r.get("stages") else "")
+        + (f"; {r['finetune_epochs']} fine-tune epoch(s)" if r.get("finetune_epochs") is not None else "")
+        + ".",
+        "",
+        "| | before | after | change |",
+        "|---|---|---|---|",
+        f"| parameters | {_fmt(r['params_before'])} | {_fmt(r['params_after'])} | {_change(r['params_before'], r['params_after'])} |",
+        f"| MACs | {_fmt(r['macs_before'])} | {_fmt(r['macs_after'])} | {_change(r['macs_before'], r['macs_after'])} |",
+        f"| latency (median ms) | {_fmt(r['latency_ms_before'])} | {_fmt(r['latency_ms_after'])} | "
+        f"{_change(r['latency_ms_before'], r['latency_ms_after'])} |",
+        "",
+        f"| {r['metric_name']} | value |",
+        "|---|---|",
+        f"| before pruning | {_fmt(r['metric_before'])} |",
+        f"| right after pruning (before fine-tune) | {_fmt(r['metric_pruned'])} |",
+        f"| after fine-tune | {_fmt(r['metric_after'])} |",
+        "",
+        f"Latency: median of {lat.get('repeats', '?')} forward passes, batch {lat.get('batch_size', '?')}, "
+        f"input {lat.get('input_shape', '?')}, device {lat.get('device', '?')}, {lat.get('threads', '?')} thread(s), "
+        "both measured in the same run.",
+        "",
+        "## Timings (s)",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v, 3)} |" for k, v in r["timings_s"].items()]
+    if r.get("stages_detail"):
+        lines += [
+            "",
+            "## Stages",
+            "",
+            "| stage | epoch | params after | MACs after | metric pruned |",
+            "|---|---|---|---|---|",
+        ]
+        for s in r["stages_detail"]:
+            lines.append(
+                f"| {s.get('stage')} | {s.get('epoch')} | {_fmt(s.get('params_after'))} | {_fmt(s.get('macs_after'))} | "
+                f"{_fmt(s.get('metric_pruned'))} |"
+            )
+    lines += ["", "## Channels per layer", "", "| layer | before | after |", "|---|---|---|"]
+    lines += [f"| `{p['name']}` | {p['channels_before']} | {p['channels_after']} |" for p in r["per_layer"]]
+    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in r["versions"].items()]
+    if r.get("command"):
+        lines += ["", "## Command", "", "```", str(r["command"]), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_prune_report(
+    report: Mapping[str, Any], output_dir: str | os.PathLike, name: str = "prune_report"
+) -> tuple[Path, Path]:
+    """Write ``{name}.json`` and ``{name}.md`` into ``output_dir`` (created if needed), atomically.
+
+    Args:
+        report: the report dict; must hold every key of ``REQUIRED_FIELDS``.
+        output_dir: destination folder.
+        name: file stem.
+
+    Returns:
+        ``(json path, markdown path)``.
+
+    Raises:
+        KeyError: a required field is missing (all missing ones are named).
+    """
+    missing = [k for k in REQUIRED_FIELDS if k not in report]
+    if missing:
+        raise KeyError(f"prune report is missing required field(s): {missing}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _jsonable(report)
+    jp, mp = out / f"{name}.json", out / f"{name}.md"
+    _atomic_write(jp, json.dumps(data, indent=2) + "\n")
+    _atomic_write(mp, render_markdown(data))
+    return jp, mp
+
+
+__all__ = [
+    "PACKAGES",
+    "REQUIRED_FIELDS",
+    "measure_latency",
+    "package_versions",
+    "render_markdown",
+    "write_prune_report",
+]
