@@ -16,6 +16,7 @@ from monai_iaprune.relevance.collect import (
     _ensure_methods_loaded,
     channel_relevance,
 )
+from monai_iaprune.relevance.distributed import all_reduce_sums, is_distributed
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -79,8 +80,11 @@ class RelevanceCollector:
 
     Note:
         ``sums`` (``{layer: float64 tensor}``) and ``count`` are kept separately so that distributed runs can
-        all-reduce them across ranks before ``relevance`` is read; this class does not do it yet, so with
-        several ranks each rank sees only its own shard.
+        all-reduce them: under ``torch.distributed`` each rank explains its shard of the evaluator's data (a
+        ``DistributedSampler``), and when the evaluation epoch completes the sums and counts are summed over
+        ranks, so every rank's ``relevance`` equals one process's over the union of the shards. The evaluator
+        must therefore run on every rank (as ignite's metric synchronisation needs anyway). ``example_input``
+        stays the rank's own first batch (None on a rank that saw none).
     """
 
     def __init__(
@@ -181,6 +185,12 @@ class RelevanceCollector:
         self.update(unwrap_network(engine.network), image, label)
 
     def _completed(self, engine: Engine) -> None:
+        if is_distributed():
+            own = self.count
+            self.sums, self.count = all_reduce_sums(self.sums, self.count)
+            self.logger.info(
+                f"all-reduced relevance sums over ranks: {own} samples here, {self.count} in all"
+            )
         self.fingerprint = model_fingerprint(unwrap_network(engine.network))
         self.logger.info(f"collected {self.method} channel relevance on {self.count} samples")
 

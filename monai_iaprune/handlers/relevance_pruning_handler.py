@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
+from torch.nn.parallel import DistributedDataParallel
 
+from monai_iaprune.distributed import all_reduce_batchnorm, check_same_structure, rewrap_ddp
 from monai_iaprune.handlers.relevance_collector import RelevanceCollector, unwrap_network
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import apply_pruned_structure, pruned_structure
@@ -22,6 +24,7 @@ from monai_iaprune.relevance.collect import (
     channel_relevance,
     split_batch,
 )
+from monai_iaprune.relevance.distributed import all_reduce_relevance, broadcast_module
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -77,8 +80,19 @@ class RelevancePruningHandler:
         ``{"network": net, "optimizer": opt, "pruning": handler}``) so the checkpoint records the pruned
         structure, which ``monai_iaprune.pruning.checkpoint.load_pruned`` (and a ``CheckpointLoader`` that
         loads ``"pruning"`` before ``"network"``) needs. A "best metric" checkpoint from before a stage holds
-        the unpruned architecture. Distributed training is not supported yet: every rank would need the same
-        relevance (all-reduced collector sums) and the DDP wrapper would have to be rebuilt after pruning.
+        the unpruned architecture.
+
+        Under ``torch.distributed`` (one process per rank, the trainer's network wrapped in
+        ``DistributedDataParallel``, ``data`` / the evaluator's loader sharded by a ``DistributedSampler``) every
+        rank scores its shard and the relevance is all-reduced (weighted by samples; the collector all-reduces
+        its sums and counts), so all ranks prune the same channels. After pruning the ranks' architectures are
+        compared (an error names the differing layers), BatchNorm statistics re-estimated per rank are averaged
+        over ranks, parameters and buffers are broadcast from rank 0, and a new ``DistributedDataParallel`` with
+        the old wrapper's settings replaces ``engine.network`` (and the evaluators' network where they shared
+        the old wrapper). Every rank must attach this handler and run the same stages; the evaluator runs on
+        every rank (its metrics are synchronised by ignite). ``data`` needs at least one batch on every rank.
+        Objects that still hold the old wrapper (e.g. a config item) must not be used for training any more.
+        ``last_relevance`` keeps the (all-reduced) relevance of the latest stage.
     """
 
     def __init__(
@@ -157,6 +171,7 @@ class RelevancePruningHandler:
         self.engine: Engine | None = None
         self.history: list[dict[str, Any]] = []
         self.params_original: int | None = None
+        self.last_relevance: ChannelRelevance | None = None
 
     def attach(self, engine: Engine) -> None:
         """
@@ -194,8 +209,8 @@ class RelevancePruningHandler:
                     )
                 self.logger.info("running the evaluator to collect relevance on the current network")
                 self.collector.engine.run(engine.state.epoch)
-            return self.collector.relevance
-        return channel_relevance(
+            return self.collector.relevance  # already all-reduced over ranks when the evaluator completed
+        relevance = channel_relevance(
             network,
             self._data(engine),
             self.method,
@@ -206,6 +221,7 @@ class RelevancePruningHandler:
             progress=False,
             **self.relevance_kwargs,
         )
+        return all_reduce_relevance(relevance)  # identity outside torch.distributed
 
     def _example_input(self, engine: Engine, relevance: ChannelRelevance) -> torch.Tensor:
         if relevance.example_input is not None:
@@ -222,7 +238,10 @@ class RelevancePruningHandler:
         step = engine.state.epoch if self.epoch_level else engine.state.iteration
         if step not in self.prune_epochs or any(h["epoch"] == step for h in self.history):
             return
-        network = unwrap_network(engine.network)
+        wrapper = engine.network
+        network = unwrap_network(wrapper)
+        # DDP syncs buffers (BatchNorm statistics) only at the next forward: make rank 0's hold everywhere now
+        broadcast_module(network, src=0)
         device = next(network.parameters()).device
         stage = self.prune_epochs.index(step) + 1
         if self.params_original is None:
@@ -231,6 +250,7 @@ class RelevancePruningHandler:
         t0 = time.perf_counter()
         relevance = self._relevance(engine, network)
         relevance_time = time.perf_counter() - t0
+        self.last_relevance = relevance
         example = self._example_input(engine, relevance).to(device)
 
         t0 = time.perf_counter()
@@ -243,6 +263,7 @@ class RelevancePruningHandler:
             ignored_layers=self.ignored_layers,
             **self.prune_kwargs,
         )
+        check_same_structure(network)  # no-op outside torch.distributed
         if self.recalibrate_bn:
             recalibrate_batchnorm(
                 network,
@@ -251,9 +272,13 @@ class RelevancePruningHandler:
                 image_key=self.image_key,
                 label_key=self.label_key,
             )
+            all_reduce_batchnorm(network)
+        broadcast_module(network, src=0)  # removes any floating-point drift between ranks
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is not None:
             remap_optimizer(optimizer, snapshot, network, result.history)
+        if isinstance(wrapper, DistributedDataParallel):
+            self._rewrap(engine, wrapper, network)
         prune_time = time.perf_counter() - t0
 
         metric = None
@@ -294,6 +319,14 @@ class RelevancePruningHandler:
             f"parameters removed; relevance {relevance_time:.1f}s, pruning {prune_time:.1f}s"
             + (f", {name} after pruning {metric:.4f}" if metric is not None else "")
         )
+
+    def _rewrap(self, engine: Engine, old: DistributedDataParallel, network: torch.nn.Module) -> None:
+        """Build a new DDP wrapper around the pruned ``network`` and hand it to every engine that held ``old``."""
+        new = rewrap_ddp(old, network)
+        engines = [engine, self.evaluator, self.collector.engine if self.collector is not None else None]
+        for e in engines:
+            if e is not None and getattr(e, "network", None) is old:
+                e.network = new
 
     def state_dict(self) -> dict[str, Any]:
         """What a ``CheckpointSaver`` stores: the stages done and the network's pruned structure."""
