@@ -48,7 +48,9 @@ def _removal_dims(module: nn.Module, param_name: str, kind: str, ndim: int) -> i
     if isinstance(module, nn.Embedding):
         return 1
     if isinstance(module, nn.PReLU) and ndim == 1:
-        return 0
+        return (
+            0 if module.num_parameters > 1 else None
+        )  # torch-pruning leaves a shared (1-parameter) PReLU alone
     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
         return 0
     raise NotImplementedError(
