@@ -1,0 +1,129 @@
+"""The real-data benchmark's --quick mode end to end, and the inference-speed helpers it reports on."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import MEDMNIST, ROOT, require_file
+from torch import nn
+
+from monai_iaprune.pruning.speed import (
+    conv_bn_pairs,
+    fold_batchnorm,
+    optimize_for_inference,
+    to_memory_format,
+)
+
+REQUIRED = (
+    "dataset,model,method,params_removed,seed,acc_base,acc_pruned,acc_finetuned,auc_base,auc_pruned,"
+    "auc_finetuned,macs_ratio,latency_ratio"
+).split(",")
+
+
+def test_quick_benchmark_writes_rows_and_curves(tmp_path):
+    require_file(MEDMNIST / "breastmnist.npz")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "accuracy.csv").open() as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    assert header[: len(REQUIRED)] == REQUIRED
+    assert sorted(r["method"] for r in rows) == ["random", "taylor"]
+    for r in rows:
+        assert r["dataset"] == "breastmnist"
+        for k in ("acc_base", "acc_pruned", "acc_finetuned", "auc_pruned", "auc_finetuned"):
+            assert 0.0 <= float(r[k]) <= 1.0, (k, r[k])
+        # prune() reached the requested fraction of parameters and the network got cheaper
+        assert abs(float(r["params_removed_reached"]) - 0.5) <= 0.02
+        assert int(r["params_pruned"]) < int(r["params_base"])
+        assert 0.0 < float(r["macs_ratio"]) < 1.0
+        assert float(r["latency_ratio"]) > 0.0
+    assert (tmp_path / "breastmnist_curves.png").stat().st_size > 1000
+    assert "G2" in proc.stdout and "G1" in proc.stdout
+    # the quick run must not touch the shared BENCHMARKS.md nor the real cache
+    assert (tmp_path / "cache").is_dir()
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        self.conv1, self.bn1 = conv(1, 6, 3, padding=1), bn(6)
+        self.conv2, self.bn2 = conv(6, 4, 3, padding=1), bn(4)
+        self.side = conv(6, 4, 1)  # reads conv1's output through bn1 only: bn1 still foldable
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(h)) + self.side(h)
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fold_batchnorm_keeps_outputs(dims):
+    model = _ConvBN(dims).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 1, *([8] * dims))
+    ref = model(x)
+    assert fold_batchnorm(model) == 2
+    assert isinstance(model.bn1, nn.Identity) and isinstance(model.bn2, nn.Identity)
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_conv_output_used_twice_is_not_folded():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding would change the second use of y
+
+    m = Shared().eval()
+    _randomize_bn(m)
+    assert conv_bn_pairs(m) == []
+    x = torch.randn(1, 1, 6, 6)
+    ref = m(x)
+    optimize_for_inference(m)
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_optimize_for_inference_channels_last_monai_resnet():
+    from monai.networks.nets import ResNet
+
+    net = ResNet(
+        "basic", [1, 1, 1, 1], [4, 8, 8, 8], spatial_dims=3, n_input_channels=1, num_classes=2
+    ).eval()
+    _randomize_bn(net)
+    x = torch.randn(1, 1, 16, 16, 16)
+    ref = net(x)
+    optimize_for_inference(net, memory_format="channels_last")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(net(to_memory_format(x, "channels_last")), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="memory_format"):
+        optimize_for_inference(net, memory_format="nhwc")
