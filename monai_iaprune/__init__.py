@@ -5,4 +5,12 @@ from monai_iaprune.relevance import METHODS, ChannelRelevance, channel_relevance
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "ChannelRelevance", "PruneResult", "RelevanceImportance", "channel_relevance", "prune", "recalibrate_batchnorm"]
+__all__ = [
+    "METHODS",
+    "ChannelRelevance",
+    "PruneResult",
+    "RelevanceImportance",
+    "channel_relevance",
+    "prune",
+    "recalibrate_batchnorm",
+]

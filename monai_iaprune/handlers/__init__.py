@@ -1,6 +1,7 @@
-"""Ignite / MONAI workflow handlers: relevance pruning during training, relevance collection on evaluators."""
+"""Ignite / MONAI workflow handlers: relevance pruning during training, relevance collection on evaluators, reports."""
 
+from monai_iaprune.handlers.prune_report_handler import PruneReportHandler
 from monai_iaprune.handlers.relevance_collector import RelevanceCollector
 from monai_iaprune.handlers.relevance_pruning_handler import RelevancePruningHandler
 
-__all__ = ["RelevanceCollector", "RelevancePruningHandler"]
+__all__ = ["PruneReportHandler", "RelevanceCollector", "RelevancePruningHandler"]

@@ -40,7 +40,9 @@ def recalibrate_batchnorm(
     Raises:
         ValueError: ``data`` yielded no batch.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns:
         return 0
     if device is None:
