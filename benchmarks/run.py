@@ -3,7 +3,10 @@
 For every dataset, criterion and fraction of parameters removed: test ACC / AUC right after pruning and
 BatchNorm re-calibration (no fine-tune), and after a short fine-tune with the same budget for every
 criterion; params, MACs, CPU latency of the pruned vs the unpruned network (interleaved, same process),
-relevance time. The unpruned models are trained once with fixed seeds and cached under benchmarks/cache/.
+relevance time; and whether the explanations survive pruning (right after pruning + BatchNorm re-calibration,
+before the fine-tune, on the first 32 test images: Integrated Gradients maps of the unpruned vs the pruned
+network, Spearman / top-10 % IoU agreement, deletion AUC of both). The unpruned models are trained once with
+fixed seeds and cached under benchmarks/cache/.
 
 Usage (from the repository root)::
 
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,6 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monai_iaprune import channel_relevance, prune, recalibrate_batchnorm  # noqa: E402
 from monai_iaprune.pruning.prune import count_macs, count_params  # noqa: E402
 from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded  # noqa: E402
+from monai_iaprune.report.explanations import (  # noqa: E402
+    agreement_from_maps,
+    attribution_maps,
+    curve_auc,
+    deletion_insertion_curves,
+    explained_selection,
+)
 
 DATA_DIR = Path(os.environ.get("MONAI_IAPRUNE_DATA", ROOT.parent / "shared" / "data")) / "medmnist"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,7 +63,13 @@ COLUMNS = [
     "params_removed_reached", "params_base", "params_pruned", "macs_base", "macs_pruned",
     "latency_base_ms", "latency_pruned_ms", "relevance_time_s", "prune_time_s", "finetune_time_s",
     "normalizer", "options",
+    # explanations right after pruning + BN re-calibration (empty in rows written before these columns existed)
+    "expl_spearman", "expl_top10_iou", "deletion_auc_base", "deletion_auc_pruned",
 ]  # fmt: skip
+EXPL_COLUMNS = COLUMNS[-4:]
+EXPL_IMAGES = 32  # fixed held-out subset: the first test images
+EXPL_IG_STEPS = 8
+EXPL_DELETION_STEPS = 10
 ATTRIBUTION = ("lrp", "ig", "dlb")
 ALL_METHODS = ("lrp", "ig", "dlb", "magnitude", "taylor", "random")
 RATIOS = (0.5, 0.7, 0.85, 0.9, 0.95, 0.98)
@@ -275,19 +292,85 @@ def latency_pair(
     return 1000 * float(np.median(ta)), 1000 * float(np.median(tb))
 
 
+# ----------------------------------------------------------------------------------------- explanations
+
+
+def base_explanations(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """The unpruned model's side of the explanation columns, computed once per dataset.
+
+    Returns:
+        ``{"x", "selection", "maps", "deletion_auc"}``: the images, the explained selection (the true label's
+        one-hot), the unpruned model's IG maps and its mean deletion AUC.
+    """
+    model.eval()
+    sel = explained_selection(model, x, y, "label")
+    maps = attribution_maps(model, x, "ig", selection=sel, n_steps=EXPL_IG_STEPS)
+    with torch.no_grad():
+        deletion, _ = deletion_insertion_curves(model, x, maps, sel, EXPL_DELETION_STEPS)
+    return {"x": x, "selection": sel, "maps": maps, "deletion_auc": float(curve_auc(deletion).mean())}
+
+
+def explanation_columns(pruned: nn.Module, base: dict[str, Any]) -> dict[str, float]:
+    """``expl_spearman``, ``expl_top10_iou`` (medians over images, pruned vs unpruned IG maps of the same label)
+    and ``deletion_auc_base`` / ``deletion_auc_pruned`` (means; lower = more faithful)."""
+    pruned.eval()
+    maps = attribution_maps(pruned, base["x"], "ig", selection=base["selection"], n_steps=EXPL_IG_STEPS)
+    agree = agreement_from_maps(base["maps"], maps, 0.1)
+    with torch.no_grad():
+        deletion, _ = deletion_insertion_curves(
+            pruned, base["x"], maps, base["selection"], EXPL_DELETION_STEPS
+        )
+    return {
+        "expl_spearman": agree["spearman_median"],
+        "expl_top10_iou": agree["top10_iou_median"],
+        "deletion_auc_base": base["deletion_auc"],
+        "deletion_auc_pruned": float(curve_auc(deletion).mean()),
+    }
+
+
 # ---------------------------------------------------------------------------------------- benchmark
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of the CSV as strings; columns a row lacks (written before they existed) read as ``""``."""
     if not path.exists():
         return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f, restval="")
+        rows = list(reader)
+    for r in rows:
+        r.pop(None, None)  # surplus values of a row longer than the header
+        for k in COLUMNS:
+            r.setdefault(k, "")
+    return rows
+
+
+def _upgrade_header(path: Path) -> None:
+    """Rewrite an existing CSV under the current ``COLUMNS`` header (new columns empty in its old rows), atomically."""
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), None)
+    if header is None or header == COLUMNS:
+        return
+    rows = read_rows(path)
+    extra = [c for c in header if c not in COLUMNS]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS + extra, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not new:
+        _upgrade_header(path)
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -334,6 +417,7 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
     x1 = data["test"][0][:1]
     macs_base = count_macs(model, x1)
     rel_kwargs = json.loads(args.relevance_kwargs) if args.relevance_kwargs else {}
+    expl_base: dict[str, Any] | None = None  # the unpruned model's maps, computed on first use
     for method in args.methods:
         if method not in METHODS:
             print(f"[skip] method {method!r} not available (have {sorted(METHODS)})")
@@ -376,6 +460,12 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
                 recalibrate_batchnorm(m, cal_batches)
                 p_pr = predict(m, data["test"][0])
                 acc_pr, auc_pr = metrics(data["test"][1], p_pr)
+                t = time.perf_counter()
+                if expl_base is None:
+                    xt, yt = data["test"]
+                    expl_base = base_explanations(model, xt[:EXPL_IMAGES], yt[:EXPL_IMAGES])
+                expl = explanation_columns(m, expl_base)
+                t_expl = time.perf_counter() - t
                 if lat_cache is None:
                     lat_cache = latency_pair(model, m, x1, repeats=args.latency_repeats)
                 t = time.perf_counter()
@@ -421,12 +511,14 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
                     "finetune_time_s": t_ft,
                     "normalizer": args.normalizer,
                     "options": json.dumps(kw, sort_keys=True) if kw and method != "random" else "",
+                    **expl,
                 }
                 append_row(csv_path, row)
                 print(
                     f"[row] {name} {method:9s} {ratio:.2f} s{seed}: ACC {acc_base:.3f} -> {acc_pr:.3f} -> ft {acc_ft:.3f} | "
                     f"AUC {auc_pr:.3f} -> {auc_ft:.3f} | MACs x{row['macs_ratio']:.3f} lat x{row['latency_ratio']:.3f} | "
-                    f"rel {t_rel:.1f}s prune {t_prune:.1f}s ft {t_ft:.1f}s",
+                    f"rel {t_rel:.1f}s prune {t_prune:.1f}s ft {t_ft:.1f}s | expl rho {expl['expl_spearman']:.3f} "
+                    f"del AUC {expl['deletion_auc_base']:.3f} -> {expl['deletion_auc_pruned']:.3f} ({t_expl:.1f}s)",
                     flush=True,
                 )
 
@@ -511,11 +603,73 @@ def summarize(out: Path, cache: Path, command: str, wall_s: float | None, write_
             "Curves: " + ", ".join(f"`benchmarks/results/{d}_curves.png`" for d in datasets) + ".",
         ]
     )
+    expl = _explanations_section(rows, datasets, methods)
+    goals = json.loads((out / "goals.json").read_text())
+    goals["explanations_50"] = expl["data"]
+    (out / "goals.json").write_text(json.dumps(goals, indent=1))
     if write_md:
         from mdsections import update_section
 
         update_section("accuracy", md)
-    return md
+        update_section("explanations", expl["md"])
+    return md + "\n\n" + expl["md"]
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _explanations_section(
+    rows: list[dict], datasets: list[str], methods: list[str], ratio: float = 0.5
+) -> dict[str, Any]:
+    """Median explanation agreement and deletion AUC at ``ratio`` per dataset and criterion (rows that have them)."""
+    lines = [
+        f"## Explanations at {ratio:.0%}",
+        "",
+        f"Right after pruning {ratio:.0%} of the parameters and BatchNorm re-calibration, before the fine-tune: "
+        f"Integrated Gradients ({EXPL_IG_STEPS} steps, baseline 0) maps of the unpruned and the pruned network on the "
+        f"first {EXPL_IMAGES} test images, both explaining the true label. Spearman = median over images of the rank "
+        "correlation of the two maps (goal >= 0.8); top-10 % IoU likewise; deletion AUC = mean area under the class "
+        f"probability while the most relevant pixels / voxels are set to 0 in {EXPL_DELETION_STEPS} steps (lower = "
+        "more faithful; goal: pruned no worse than unpruned). Medians over seeds; rows written before these "
+        "columns existed are left out.",
+        "",
+        "| dataset | method | rows | Spearman | goal >= 0.8 | top-10 % IoU | deletion AUC unpruned | deletion AUC pruned | no worse |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    data: dict[str, Any] = {}
+    for d in datasets:
+        for m in methods:
+            sel = [
+                r
+                for r in rows
+                if r["dataset"] == d
+                and r["method"] == m
+                and abs(float(r["params_removed"]) - ratio) < 1e-6
+                and math.isfinite(_float(r.get("expl_spearman")))
+            ]
+            if not sel:
+                continue
+            med = {k: float(np.nanmedian([_float(r.get(k)) for r in sel])) for k in EXPL_COLUMNS}
+            rho_ok = med["expl_spearman"] >= 0.8
+            del_ok = med["deletion_auc_pruned"] <= med["deletion_auc_base"]
+            data.setdefault(d, {})[m] = {
+                **med,
+                "rows": len(sel),
+                "spearman_goal": rho_ok,
+                "deletion_goal": del_ok,
+            }
+            lines.append(
+                f"| {d} | {m} | {len(sel)} | {med['expl_spearman']:.3f} | {'yes' if rho_ok else 'no'} | "
+                f"{med['expl_top10_iou']:.3f} | {med['deletion_auc_base']:.3f} | {med['deletion_auc_pruned']:.3f} | "
+                f"{'yes' if del_ok else 'no'} |"
+            )
+    if not data:
+        lines.append("| no rows with explanation columns yet | | | | | | | | |")
+    return {"data": data, "md": "\n".join(lines)}
 
 
 def _plots(rows: list[dict], datasets: list[str], methods: list[str], out: Path) -> None:

@@ -168,6 +168,20 @@ def test_bundle_prune_run(name, method, ratio, tmp_path):
     assert report["versions"]["monai"] and report["versions"]["torch"]
     md = (b / "eval" / "prune_report.md").read_text()
     assert method in md and f"{report['params_after']:,}" in md
+    # the default run compares explanations (IG) and links every figure from the Markdown, relative to it
+    assert -1.0 <= report["expl_spearman"] <= 1.0 and 0.0 <= report["expl_top10_iou"] <= 1.0
+    for k in ("deletion_auc_base", "deletion_auc_pruned", "insertion_auc_base", "insertion_auc_pruned"):
+        assert 0.0 <= report[k] <= 1.0, k
+    assert "figures_error" not in report, report.get("figures_error")
+    assert {
+        "figures/channels_per_layer.png",
+        "figures/relevance_distribution.png",
+        "figures/explanations_heatmaps.png",
+        "figures/explanations_deletion_insertion.png",
+    } <= set(report["figures"])
+    for f in report["figures"]:
+        assert (b / "eval" / f).stat().st_size > 1000, f
+        assert f"]({f})" in md, f
     for f in ("model.pt", "model_pruned.pt", "model_pruned.ts"):
         assert (b / "models" / f).is_file(), f
     # the pruned checkpoint reloads in a fresh parse of the bundle and reproduces metric_after exactly

@@ -94,7 +94,7 @@ def _methods() -> list[str]:
 
 
 # known failures of a relevance method on a network (bugs to fix there, not in pruning)
-KNOWN = {("SwinUNETR", 2, "lrp"): "lrp raises KeyError('grad_output') on 2D SwinUNETR (reported to the lead)"}
+KNOWN: dict[tuple[str, int, str], str] = {}  # (net, dims, method) -> reason, for cases expected to fail
 
 
 def _marks(name: str, sd: int, method: str) -> list:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +15,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_iaprune.distributed import rank
 from monai_iaprune.pruning.prune import count_macs, count_params
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
+from monai_iaprune.report.explanations import MAP_METHODS
 from monai_iaprune.report.prune_report import measure_latency, package_versions, write_prune_report
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -20,14 +24,31 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
+EXPLANATION_METRICS = (
+    "expl_spearman",
+    "expl_top10_iou",
+    "expl_ssim",
+    "deletion_auc_base",
+    "deletion_auc_pruned",
+    "insertion_auc_base",
+    "insertion_auc_pruned",
+)
+# cheap defaults so a bundle's default run stays fast: a few images, 8 IG steps, 10 deletion steps
+EXPLAIN_DEFAULTS: dict[str, Any] = {"n_images": 4, "max_samples": 8, "n_steps": 8, "steps": 10}
+_EXPLAIN_RESERVED = ("model_before", "model_after", "data", "out_dir", "method", "writer", "global_step")
+
 
 class PruneReportHandler:
     """Record a pruning trainer's before / pruned / after state and write ``prune_report.json`` + ``.md``.
 
     Attach it to the trainer that carries a ``RelevancePruningHandler``, *before* that handler (ignite runs
     handlers of one event in the order they were attached): at the end of the first pruning epoch it runs
-    ``evaluator`` and measures params, MACs and latency of the still unpruned network; when the trainer
-    completes it runs ``evaluator`` again, measures the pruned, fine-tuned network and writes the report.
+    ``evaluator``, measures params, MACs and latency of the still unpruned network and keeps a frozen copy of
+    it; when training ends it runs ``evaluator`` again, measures the pruned, fine-tuned network, compares the
+    two networks' input explanations (``monai_iaprune.report.explanations.explanation_report`` on the
+    evaluator's data: Spearman / top-10 % IoU / SSIM agreement of the heatmaps, deletion and insertion AUC),
+    draws the figures (channels kept per layer, relevance per layer, heatmap overlays, deletion / insertion
+    curves) under ``output_dir/figures_dir`` and writes the report, whose Markdown links every figure.
     The metric right after pruning (before fine-tuning) is read from the pruning handler's ``history``.
 
     Args:
@@ -35,16 +56,30 @@ class PruneReportHandler:
         output_dir: folder for ``prune_report.json`` / ``prune_report.md``.
         example_inputs: one input batch for MACs and latency (e.g. ``torch.rand(1, 1, 32, 32)``).
         pruning_handler: the ``RelevancePruningHandler`` attached to the same trainer (for ``prune_epochs``,
-            ``method``, ``ratio``, ``stages`` and per-stage ``history``).
+            ``method``, ``ratio``, ``stages``, per-stage ``history`` and ``last_relevance``).
         key_metric: evaluator metric to report; default the evaluator's key metric.
         latency_warmup, latency_repeats: see ``monai_iaprune.report.prune_report.measure_latency``.
         settings: extra fields copied into the report (e.g. ``finetune_epochs``, bundle name, command).
         name: report file stem.
+        explain: compare the unpruned and the pruned network's explanations (metrics, heatmap overlays,
+            deletion / insertion curves; default True); False skips them and keeps no copy of the unpruned
+            network. The channel and relevance figures are drawn either way.
+        explain_method: input attribution of the comparison, ``"ig"`` (Integrated Gradients) or ``"lrp"``.
+        explain_kwargs: settings of ``explanation_report`` (``n_images``, ``max_samples``, ``n_steps``,
+            ``steps``, ``target``, ``baseline``, ``image_key``, ``label_key``, ...); defaults
+            ``{"n_images": 4, "max_samples": 8, "n_steps": 8, "steps": 10}``.
+        figures_dir: sub-folder of ``output_dir`` for the PNG files.
+        tensorboard_writer: optional TensorBoard ``SummaryWriter`` or MONAI ``TensorBoardStatsHandler``; the
+            heatmaps are sent to it through ``log_heatmaps_to_tensorboard``.
 
     Note:
         ``timings_s`` may be filled from outside before the trainer completes (e.g. ``pretrain`` by the
-        bundle), and the written report is kept as ``self.report``. In distributed runs attach it
-        on every rank (it runs the evaluator, whose metrics are synchronised across ranks); only rank 0 writes.
+        bundle), and the written report is kept as ``self.report``. The final measurement runs at the end of
+        the last epoch when no pruning stage is left (so the explanation metrics put into
+        ``engine.state.metrics`` are printed by a ``StatsHandler`` / ``TensorBoardStatsHandler`` attached after
+        this handler), otherwise when the trainer completes. In distributed runs attach it on every rank (it
+        runs the evaluator, whose metrics are synchronised across ranks); only rank 0 keeps the unpruned copy,
+        computes the explanations (on its own shard of the evaluator's data) and writes.
     """
 
     def __init__(
@@ -58,11 +93,24 @@ class PruneReportHandler:
         latency_repeats: int = 20,
         settings: Mapping[str, Any] | None = None,
         name: str = "prune_report",
+        explain: bool = True,
+        explain_method: str = "ig",
+        explain_kwargs: Mapping[str, Any] | None = None,
+        figures_dir: str = "figures",
+        tensorboard_writer: Any = None,
     ) -> None:
         if evaluator is None or not hasattr(evaluator, "run"):
             raise ValueError("evaluator must be a MONAI evaluator (an ignite Engine with run())")
         if not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
+        if explain_method not in MAP_METHODS:
+            raise ValueError(f"unknown explain_method {explain_method!r}; use one of {MAP_METHODS}")
+        explain_kwargs = dict(explain_kwargs or {})
+        clash = [k for k in _EXPLAIN_RESERVED if k in explain_kwargs]
+        if clash:
+            raise ValueError(f"explain_kwargs may not set {clash}: the handler passes them itself")
+        if not figures_dir or Path(figures_dir).is_absolute():
+            raise ValueError(f"figures_dir must be a relative sub-folder of output_dir, got {figures_dir!r}")
         self.evaluator = evaluator
         self.output_dir = str(output_dir)
         self.example_inputs = example_inputs
@@ -72,9 +120,16 @@ class PruneReportHandler:
         self.latency_repeats = latency_repeats
         self.settings = dict(settings or {})
         self.name = name
+        self.explain = bool(explain)
+        self.explain_method = explain_method
+        self.explain_kwargs = {**EXPLAIN_DEFAULTS, **explain_kwargs}
+        self.figures_dir = str(figures_dir)
+        self.tensorboard_writer = tensorboard_writer
         self.timings_s: dict[str, float] = {}
         self.before: dict[str, Any] | None = None
         self.report: dict[str, Any] | None = None
+        self.unpruned: torch.nn.Module | None = None
+        self._finished = False
         self._epoch_t0 = 0.0
         self._run_t0 = 0.0
         self._attached: set[int] = set()
@@ -93,6 +148,10 @@ class PruneReportHandler:
     def _first_prune_epoch(self) -> int:
         epochs = getattr(self.pruning_handler, "prune_epochs", None)
         return int(min(epochs)) if epochs else 1
+
+    def _last_prune_epoch(self) -> int:
+        epochs = getattr(self.pruning_handler, "prune_epochs", None)
+        return int(max(epochs)) if epochs else 1
 
     def _evaluate(self) -> float | None:
         self.evaluator.run()
@@ -126,6 +185,57 @@ class PruneReportHandler:
         net = engine.network
         return net.module if hasattr(net, "module") and isinstance(net.module, torch.nn.Module) else net
 
+    def _figures(self, engine: Engine, network: torch.nn.Module, report: dict[str, Any]) -> None:
+        """Explanation metrics + all PNG files into ``report`` (and the metrics into ``engine.state.metrics``)."""
+        from monai_iaprune.report.explanations import explanation_report
+        from monai_iaprune.report.plots import plot_channels_per_layer, plot_relevance_distribution
+
+        out = Path(self.output_dir)
+        fig_dir = out / self.figures_dir
+        pngs: list[Path] = []
+        if report["per_layer"]:
+            pngs.append(plot_channels_per_layer(report["per_layer"], fig_dir / "channels_per_layer.png"))
+        relevance = getattr(self.pruning_handler, "last_relevance", None)
+        if relevance:
+            stages = len(getattr(self.pruning_handler, "history", None) or [])
+            title = f"channel relevance per layer ({getattr(relevance, 'method', report['method'])}"
+            title += f", stage {stages})" if stages > 1 else ")"
+            pngs.append(
+                plot_relevance_distribution(relevance, fig_dir / "relevance_distribution.png", title=title)
+            )
+        if self.unpruned is not None:
+            data = getattr(self.evaluator, "data_loader", None)
+            if data is None:
+                raise ValueError("the evaluator has no data_loader to explain; pass explain=False")
+            t0 = time.perf_counter()
+            expl = explanation_report(
+                self.unpruned,
+                network,
+                data,
+                fig_dir,
+                method=self.explain_method,
+                writer=self.tensorboard_writer,
+                global_step=int(engine.state.epoch),
+                **self.explain_kwargs,
+            )
+            self._add_time("explanations", time.perf_counter() - t0)
+            pngs += [Path(p) for p in expl["pngs"]]
+            report.update({k: v for k, v in expl.items() if k != "pngs"})
+            report["explanation_method"] = self.explain_method
+            report["explanation_settings"] = dict(self.explain_kwargs)
+            for k in EXPLANATION_METRICS:
+                v = float(expl[k])
+                if math.isfinite(v):
+                    engine.state.metrics[k] = v
+            engine.logger.info(
+                "prune report: explanations ("
+                + self.explain_method
+                + ") "
+                + ", ".join(f"{k}={float(expl[k]):.4f}" for k in EXPLANATION_METRICS)
+            )
+        # relative to the Markdown file, with forward slashes, so the links work wherever the folder is moved
+        report["figures"] = [Path(p).resolve().relative_to(out.resolve()).as_posix() for p in pngs]
+
     # -- events -------------------------------------------------------------------------------------------------------
     def _started(self, engine: Engine) -> None:
         self._run_t0 = time.perf_counter()
@@ -136,7 +246,17 @@ class PruneReportHandler:
     def _epoch_completed(self, engine: Engine) -> None:
         phase = "train_before_pruning" if engine.state.epoch <= self._first_prune_epoch() else "finetune"
         self._add_time(phase, time.perf_counter() - self._epoch_t0)
-        if self.before is not None or engine.state.epoch != self._first_prune_epoch():
+        epoch = engine.state.epoch
+        if (
+            self.before is not None
+            and epoch == engine.state.max_epochs
+            and epoch > self._last_prune_epoch()
+            and not self._finished
+        ):
+            # finish before later handlers of this event (StatsHandler) log engine.state.metrics
+            self._finish(engine)
+            return
+        if self.before is not None or epoch != self._first_prune_epoch():
             return
         if getattr(self.pruning_handler, "history", None):
             raise RuntimeError(
@@ -145,28 +265,41 @@ class PruneReportHandler:
         t0 = time.perf_counter()
         metric = self._evaluate()
         self._add_time("evaluate_before", time.perf_counter() - t0)
-        self.before = {"metric": metric, **self._measure(self._network(engine))}
+        network = self._network(engine)
+        self.before = {"metric": metric, **self._measure(network)}
+        if self.explain and rank() == 0:
+            # a frozen copy of the unpruned network, to compare explanations with once training has ended
+            self.unpruned = copy.deepcopy(network).eval()
+            for p in self.unpruned.parameters():
+                p.requires_grad_(False)
+                p.grad = None
         engine.logger.info(
             f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before['params']}"
         )
 
     def __call__(self, engine: Engine) -> None:
-        """At COMPLETED: evaluate and measure the final network, then write the report."""
+        """At COMPLETED: write the report unless it was written at the end of the last epoch."""
+        if not self._finished:
+            self._finish(engine)
+
+    def _finish(self, engine: Engine) -> None:
+        """Evaluate and measure the final network, compare explanations, draw the figures, write the report."""
         if self.before is None:
             raise RuntimeError(
                 f"the trainer completed without reaching the first pruning epoch ({self._first_prune_epoch()}); "
                 "give it at least that many epochs"
             )
+        self._finished = True
         t0 = time.perf_counter()
         metric_after = self._evaluate()
         self._add_time("evaluate_after", time.perf_counter() - t0)
-        after = self._measure(self._network(engine))
+        network = self._network(engine)
+        after = self._measure(network)
         history = list(getattr(self.pruning_handler, "history", None) or [])
         for phase, key in (("relevance", "relevance_time_s"), ("prune", "prune_time_s")):
             vals = [h.get(key) for h in history if h.get(key) is not None]
             if vals:
                 self.timings_s[phase] = float(sum(vals))
-        self.timings_s["prune_trainer_total"] = time.perf_counter() - self._run_t0
         ph = self.pruning_handler
         before_ch, after_ch = self.before["channels"], after["channels"]
         report: dict[str, Any] = {
@@ -193,11 +326,18 @@ class PruneReportHandler:
                 for n, c in before_ch.items()
             ],
             "stages_detail": [{k: v for k, v in h.items() if k != "per_layer"} for h in history],
-            "timings_s": dict(self.timings_s),
-            "versions": package_versions(),
         }
+        # under torch.distributed every rank measures (the evaluator is collective); rank 0 explains and writes
+        if rank() == 0:
+            try:
+                self._figures(engine, network, report)
+            except Exception as e:  # a failed figure must not cost the measured report of a long run
+                engine.logger.exception("prune report: figures / explanations failed")
+                report["figures_error"] = f"{type(e).__name__}: {e}"
+        self.timings_s["prune_trainer_total"] = time.perf_counter() - self._run_t0
+        report["timings_s"] = dict(self.timings_s)
+        report["versions"] = package_versions()
         self.report = report
-        # under torch.distributed every rank measures (the evaluator is collective); rank 0 writes
         if rank() > 0:
             return
         paths = write_prune_report(report, self.output_dir, self.name)

@@ -172,7 +172,8 @@ def _change(before: Any, after: Any) -> str:
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """Render a prune report dict as Markdown (summary table, latency setup, timings, per-layer channels, versions)."""
+    """Render a prune report dict as Markdown (summary table, latency setup, timings, explanation metrics,
+    per-layer channels, versions, and a "Figures" section linking the report's PNG files)."""
     r = report
     lat = r.get("latency", {})
     lines = [
@@ -219,13 +220,68 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"| {s.get('stage')} | {s.get('epoch')} | {_fmt(s.get('params_after'))} | {_fmt(s.get('macs_after'))} | "
                 f"{_fmt(s.get('metric_pruned'))} |"
             )
+    lines += _explanation_lines(r)
     lines += ["", "## Channels per layer", "", "| layer | before | after |", "|---|---|---|"]
     lines += [f"| `{p['name']}` | {p['channels_before']} | {p['channels_after']} |" for p in r["per_layer"]]
     lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["versions"].items()]
     if r.get("command"):
         lines += ["", "## Command", "", "```", str(r["command"]), "```"]
+    lines += _figure_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
+    """The "Explanations" section: agreement and faithfulness of the unpruned vs the pruned network's maps."""
+    if "expl_spearman" not in r:
+        return []
+    settings = r.get("explanation_settings") or {}
+    method = {"ig": "Integrated Gradients", "lrp": "LRP"}.get(
+        r.get("explanation_method"), r.get("explanation_method")
+    )
+    lines = [
+        "",
+        "## Explanations",
+        "",
+        f"Input attribution maps ({method or 'n/a'}"
+        + (
+            f", {settings['n_steps']} steps"
+            if r.get("explanation_method") == "ig" and "n_steps" in settings
+            else ""
+        )
+        + f") of the unpruned and the final pruned network on {r.get('n_images', '?')} held-out image(s), "
+        "both explaining the same target (the label, or the unpruned network's prediction). Agreement per image, median (IQR):",
+        "",
+        "| agreement | median | IQR |",
+        "|---|---|---|",
+        f"| Spearman rank correlation | {_fmt(r.get('expl_spearman'), 3)} | {_fmt(r.get('expl_spearman_iqr'), 3)} |",
+        f"| IoU of the top 10 % voxels | {_fmt(r.get('expl_top10_iou'), 3)} | {_fmt(r.get('expl_top10_iou_iqr'), 3)} |",
+        f"| SSIM | {_fmt(r.get('expl_ssim'), 3)} | {_fmt(r.get('expl_ssim_iqr'), 3)} |",
+        "",
+        "Faithfulness (class probability while the most relevant pixels are deleted / inserted"
+        + (f", {settings['steps']} steps" if "steps" in settings else "")
+        + "; deletion: lower is better, insertion: higher is better):",
+        "",
+        "| AUC | unpruned | pruned |",
+        "|---|---|---|",
+        f"| deletion | {_fmt(r.get('deletion_auc_base'), 3)} | {_fmt(r.get('deletion_auc_pruned'), 3)} |",
+        f"| insertion | {_fmt(r.get('insertion_auc_base'), 3)} | {_fmt(r.get('insertion_auc_pruned'), 3)} |",
+    ]
+    return lines
+
+
+def _figure_lines(r: Mapping[str, Any]) -> list[str]:
+    """The "Figures" section: every PNG of the report, linked by its path relative to the Markdown file."""
+    figures = list(r.get("figures") or [])
+    if not figures and not r.get("figures_error"):
+        return []
+    lines = ["", "## Figures", ""]
+    if r.get("figures_error"):
+        lines += [f"Figures incomplete: {r['figures_error']}", ""]
+    for f in figures:
+        stem = Path(str(f)).stem.replace("_", " ")
+        lines += [f"### {stem}", "", f"![{stem}]({f})", ""]
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def write_prune_report(
