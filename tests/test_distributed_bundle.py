@@ -83,7 +83,15 @@ def test_two_process_prune_bundle_writes_the_report_once(tmp_path: Path):
     assert report["params_after"] < report["params_before"]
     # models/model.pt did not exist: trained under DDP, saved by rank 0
     assert "pretrain" in report["timings_s"]
-    assert sorted(p.name for p in (bundle / "eval").iterdir()) == ["prune_report.json", "prune_report.md"]
+    assert sorted(p.name for p in (bundle / "eval").iterdir()) == [
+        "figures",
+        "prune_report.json",
+        "prune_report.md",
+    ]
+    # rank 0 alone drew the figures the report links
+    assert sorted(p.suffix for p in (bundle / "eval" / "figures").iterdir()) == [".png"] * len(
+        report["figures"]
+    )
     assert sorted(p.name for p in (bundle / "models").iterdir()) == [
         "model.pt",
         "model_pruned.pt",
