@@ -7,7 +7,6 @@ nothing on disk is overwritten (``models/model.pt`` is written only when it does
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Iterable, MutableMapping
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from monai_iaprune.pruning.checkpoint import atomic_write
 
 
 def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_epochs: int = 0) -> None:
@@ -49,24 +50,12 @@ def check_writable(paths: Iterable[str | os.PathLike], overwrite: bool = False) 
         raise FileExistsError(f"refusing to overwrite {existing}; move them away or pass --overwrite true")
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_state_dict(network: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save ``network.state_dict()`` to ``path`` atomically; refuse to replace an existing file unless ``overwrite``."""
     path = Path(path)
     check_writable([path], overwrite)
-    _atomic_save(network.state_dict(), path)
+    state = network.state_dict()
+    atomic_write(path, lambda f: torch.save(state, f), overwrite=True)  # existence checked above
     return path
 
 

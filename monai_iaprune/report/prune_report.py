@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from monai_iaprune.pruning.checkpoint import atomic_write
 
 REQUIRED_FIELDS = (
     "method",
@@ -142,15 +143,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=True)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
