@@ -607,13 +607,20 @@ def _propagate(
                 return _explain(model, x, select, rec)
 
 
+# Default composite for *channel scoring*. Measured in BENCHMARKS.md (BreastMNIST / PneumoniaMNIST, 70 % and 90 %
+# parameters removed, BN re-calibrated, no fine-tune, 3 seeds): the epsilon rule ranks channels far better than
+# epsilon-plus-flat (PneumoniaMNIST AUC 0.87 vs 0.50 at 70 %), whose z+ rule scores only positive evidence.
+# Input heatmaps (``input_relevance``) keep epsilon-plus-flat, the usual choice for readable maps.
+PRUNING_COMPOSITE = "epsilon"
+
+
 @register_method("lrp")
 def lrp(
     model: nn.Module,
     inputs: torch.Tensor,
     select: SelectionFn,
     layers: dict[str, nn.Module],
-    composite: str | Composite = "epsilon_plus_flat",
+    composite: str | Composite = PRUNING_COMPOSITE,
     epsilon: float = 1e-6,
     canonizers: CanonizerSpec = "auto",
     stabilizer: float = 1e-6,
@@ -643,7 +650,7 @@ def lrp(
 def lrp_session(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    composite: str | Composite = "epsilon_plus_flat",
+    composite: str | Composite = PRUNING_COMPOSITE,
     epsilon: float = 1e-6,
     canonizers: CanonizerSpec = "auto",
     stabilizer: float = 1e-6,
