@@ -168,3 +168,25 @@ def test_metatensor_inputs_with_inplace_residual_adds():
     label = MetaTensor((torch.rand(2, 1, 16, 16) > 0.5).float())
     rel = channel_relevance(net, [{"image": x, "label": label}], "taylor", progress=False)
     assert len(rel) == len([m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+
+
+def test_recorded_activations_are_freed_after_scoring():
+    """Regression: the gradient hook used to hold the recorder strongly, a cycle through the autograd graph
+    that the garbage collector cannot break, so every Taylor / DL-Backtrace call leaked its activations."""
+    import gc
+    import weakref
+
+    from monai_iaprune.relevance.hooks import OutputRecorder
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2)
+    )
+    rec = OutputRecorder({"0": net[0]})
+    with rec:
+        x = torch.randn(2, 1, 8, 8, requires_grad=True)
+        net(x).sum().backward()
+    assert rec.grads["0"].shape == (2, 4, 6, 6)  # the gradient reached the recorder
+    activation = weakref.ref(rec.outputs["0"])
+    del rec, x
+    gc.collect()
+    assert activation() is None
