@@ -169,3 +169,31 @@ def test_global_pruning_prefers_the_less_relevant_layer():
     rel["3"] = torch.tensor([0.01, 0.01, 0.01, 0.01, 2.0, 2.0, 2.0, 2.0])
     result = prune(model, rel, 0.25, target="channels", global_pruning=True)
     assert result.channels["3"][1] < result.channels["0"][1]
+
+
+def test_auto_normalizer_follows_the_relevance_method():
+    from monai_iaprune.pruning.prune import resolve_normalizer
+    from monai_iaprune.relevance.collect import ChannelRelevance
+
+    model = _tiny()
+    # raw scores: conv 0 is 10x less relevant everywhere; per-layer "mean" normalisation hides that
+    raw = {"0": torch.linspace(0.1, 0.2, 8), "3": torch.linspace(1.0, 2.0, 8)}
+    for method, expect in (
+        ("lrp", None),
+        ("ig", None),
+        ("taylor", None),
+        ("dlb", "mean"),
+        ("magnitude", "mean"),
+    ):
+        assert resolve_normalizer("auto", ChannelRelevance(raw, method, 1)) == expect
+    assert resolve_normalizer("auto", raw) == "mean"  # a plain dict: no method known
+    assert resolve_normalizer("rank", ChannelRelevance(raw, "lrp", 1)) == "rank"
+    with pytest.raises(ValueError, match="unknown normalizer 'l2'"):
+        resolve_normalizer("l2", raw)
+    x = torch.randn(1, 1, 8, 8)
+    lrp = prune(copy.deepcopy(model), ChannelRelevance(raw, "lrp", 1, x), 0.25, target="channels")
+    mag = prune(copy.deepcopy(model), ChannelRelevance(raw, "magnitude", 1, x), 0.25, target="channels")
+    # raw LRP scores: every removed channel comes from the low-relevance conv 0
+    assert lrp.channels["0"][1] == 4 and lrp.channels["3"][1] == 8
+    # "mean": both layers look alike after normalisation, so both lose channels
+    assert mag.channels["0"][1] > 4 and mag.channels["3"][1] < 8

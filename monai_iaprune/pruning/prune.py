@@ -219,6 +219,25 @@ def _limit_group(pruner: tp.pruner.MetaPruner, group, max_layer_ratio: float, ro
     return dg.get_pruning_group(module, fn, sorted(p + g * size for g in range(groups) for p in positions))
 
 
+SHARED_SCALE_METHODS = ("lrp", "ig", "taylor")
+
+
+def resolve_normalizer(normalizer: str | None, relevance: Any = None) -> str | None:
+    """The per-layer normaliser ``prune`` uses: ``"auto"`` resolved from ``relevance.method``.
+
+    Args:
+        normalizer: ``"auto"`` or one of ``RelevanceImportance.NORMALIZERS``.
+        relevance: a ``ChannelRelevance`` (its ``method`` decides ``"auto"``) or a plain mapping.
+    """
+    if normalizer != "auto":
+        if normalizer not in RelevanceImportance.NORMALIZERS:
+            raise ValueError(
+                f"unknown normalizer {normalizer!r}; use 'auto' or one of {RelevanceImportance.NORMALIZERS}"
+            )
+        return normalizer
+    return None if getattr(relevance, "method", None) in SHARED_SCALE_METHODS else "mean"
+
+
 def prune(
     model: nn.Module,
     relevance: Mapping[str, torch.Tensor],
@@ -230,7 +249,7 @@ def prune(
     ignored_layers: Iterable[nn.Module | str] | None = None,
     round_to: int | None = None,
     max_layer_ratio: float = 0.95,
-    normalizer: str | None = "mean",
+    normalizer: str | None = "auto",
     group_reduction: str = "mean",
     tolerance: float = 0.01,
     pruner_kwargs: dict[str, Any] | None = None,
@@ -251,7 +270,13 @@ def prune(
             (classifier heads, segmentation output convs) are always added.
         round_to: keep channel counts multiples of this (helps CPU kernels; see BENCHMARKS.md).
         max_layer_ratio: the most of one layer's channels that may go.
-        normalizer, group_reduction: see ``RelevanceImportance``.
+        normalizer: per-layer normalisation before channels are ranked across layers (see
+            ``RelevanceImportance``). ``"auto"`` (default) picks it from ``relevance.method``: ``None`` (raw
+            scores) for the attributions ``"lrp"``, ``"ig"``, ``"taylor"``, whose per-channel values are
+            shares of one explained output and so already on a common scale across layers; ``"mean"``
+            for everything else (``"dlb"``, whose relevance shrinks towards the input, filter
+            magnitudes, random scores, plain dicts). Chosen by the criteria study in BENCHMARKS.md.
+        group_reduction: see ``RelevanceImportance``.
         tolerance: accepted gap between the reached and requested fraction for params / MACs targets.
         pruner_kwargs: extra ``MetaPruner`` arguments (e.g. ``num_heads``); MONAI-specific ones are added.
 
@@ -259,6 +284,7 @@ def prune(
         ``PruneResult`` with counts before and after, channels per layer and the pruning history.
     """
     _validate_ratio(ratio)
+    normalizer = resolve_normalizer(normalizer, relevance)
     if target not in TARGETS:
         raise ValueError(f"unknown pruning target {target!r}; use one of {TARGETS}")
     if not 0.0 < max_layer_ratio < 1.0:

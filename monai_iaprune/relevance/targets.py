@@ -9,6 +9,15 @@ methods differentiate ``(selection * output).sum()``.
 - segmentation (output ``[B, K, *spatial]``): a class logit summed over the class's mask, where the
   mask comes from the label (``"label"``) or the prediction (``"pred"``); ``int`` explains one class,
   otherwise every foreground class (all but channel 0, or the single channel of a sigmoid output).
+
+Two signed targets explain the *decision* rather than one logit (classification and segmentation):
+
+- ``"contrast"``: the label's logit minus the mean of the other logits (selection ``+1`` on the label,
+  ``-1/(K-1)`` elsewhere): evidence shared by all classes cancels (contrastive LRP, Gu et al. 2018).
+- ``"loss"``: the selection is ``onehot(label) - softmax(output)`` (``label - sigmoid`` for one
+  channel), the negative gradient of the cross-entropy with respect to the logits, taken as a constant
+  (softmax-gradient LRP, Iwana et al. 2019): samples the network already classifies with confidence
+  contribute little, errors and uncertain samples a lot — what a pruned network most needs to keep.
 """
 
 from __future__ import annotations
@@ -62,8 +71,12 @@ def target_selection(
                 f"target callable returned shape {tuple(sel.shape)}, expected {tuple(output.shape)}"
             )
         return sel.to(output.dtype)
-    if isinstance(target, str) and target not in ("label", "pred"):
-        raise ValueError(f"unknown target {target!r}: use 'label', 'pred', a class index or a callable")
+    if isinstance(target, str) and target not in ("label", "pred", "contrast", "loss"):
+        raise ValueError(
+            f"unknown target {target!r}: use 'label', 'pred', 'contrast', 'loss', a class index or a callable"
+        )
+    if target in ("contrast", "loss"):
+        return _signed_selection(output, label, target)
     if target == "label" and label is None:
         target = "pred"
     out = output.detach()
@@ -104,3 +117,33 @@ def target_selection(
     if sel.sum() == 0:  # no foreground in this batch: explain the background so relevance is still defined
         sel[:, 0] = (cmap == 0).to(out.dtype)
     return sel
+
+
+def _label_onehot(output: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    """One-hot ``[B, K, ...]`` of the label (or the prediction when there is no label) for ``K > 1``."""
+    out = output.detach()
+    k = out.shape[1]
+    if label is None:
+        idx = out.argmax(1)
+    elif out.ndim == 2:
+        idx = _class_index_from_label(torch.as_tensor(label), out.shape[0], k).to(out.device)
+        if idx.min() < 0 or idx.max() >= k:
+            raise ValueError(f"label values {idx.unique().tolist()} out of range for {k} outputs")
+    else:
+        idx = _segmentation_class_map(torch.as_tensor(label, device=out.device), out).clamp(0, k - 1)
+    return torch.nn.functional.one_hot(idx, k).movedim(-1, 1).to(out.dtype)
+
+
+def _signed_selection(output: torch.Tensor, label: torch.Tensor | None, target: str) -> torch.Tensor:
+    out = output.detach()
+    k = out.shape[1]
+    if k == 1:  # single sigmoid channel: the logit's sign is the decision
+        y = (out > 0).to(out.dtype) if label is None else torch.as_tensor(label, device=out.device)
+        y = y.reshape(out.shape).to(out.dtype)
+        if target == "contrast":
+            return 2.0 * y - 1.0
+        return y - torch.sigmoid(out)
+    onehot = _label_onehot(out, label)
+    if target == "contrast":
+        return onehot - (1.0 - onehot) / (k - 1)
+    return onehot - torch.softmax(out, dim=1)
