@@ -13,9 +13,12 @@ from conftest import MEDMNIST, ROOT, require_file
 from torch import nn
 
 from monai_iaprune.pruning.speed import (
+    OneDNNConv,
+    OneDNNPool,
     conv_bn_pairs,
     fold_batchnorm,
     optimize_for_inference,
+    select_kernels,
     to_memory_format,
 )
 
@@ -127,3 +130,120 @@ def test_optimize_for_inference_channels_last_monai_resnet():
     torch.testing.assert_close(net(to_memory_format(x, "channels_last")), ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="memory_format"):
         optimize_for_inference(net, memory_format="nhwc")
+
+
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dims", [2, 3])
+def test_onednn_conv_matches_the_conv_it_wraps(dims):
+    conv, convt = (nn.Conv2d, nn.ConvTranspose2d) if dims == 2 else (nn.Conv3d, nn.ConvTranspose3d)
+    layers = [
+        conv(4, 6, 3, stride=2, padding=1, bias=False),
+        conv(4, 8, 3, padding=2, dilation=2, groups=2),
+        convt(4, 3, 3, stride=2, padding=1, output_padding=1),
+    ]
+    x = torch.randn(2, 4, *([9] * dims))
+    for layer in layers:
+        layer.eval()
+        wrapped = OneDNNConv(layer)
+        assert list(wrapped.state_dict()) == list(layer.state_dict())  # same keys: checkpoints still load
+        with torch.inference_mode():
+            torch.testing.assert_close(wrapped(x), layer(x), atol=1e-4, rtol=1e-4)
+            xc = to_memory_format(x, "channels_last")
+            torch.testing.assert_close(wrapped(xc), layer(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot run on oneDNN"):
+        OneDNNConv(conv(4, 4, 3, padding="same"))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dims", [2, 3])
+def test_onednn_pool_matches_the_pool_it_wraps(dims):
+    mp, ap = (nn.MaxPool2d, nn.AvgPool2d) if dims == 2 else (nn.MaxPool3d, nn.AvgPool3d)
+    x = torch.randn(2, 5, *range(9, 9 + dims))  # odd, unequal sizes: ceil_mode and padding matter
+    for pool in (mp(3, 2, 1), mp(2, ceil_mode=True), ap(2), ap(3, 2, count_include_pad=False)):
+        with torch.inference_mode():
+            for xi in (x, to_memory_format(x, "channels_last")):
+                torch.testing.assert_close(OneDNNPool(pool)(xi), pool(xi), atol=0, rtol=0)
+    for pool in (ap(3, 2, 1), ap(2, ceil_mode=True), mp(2, return_indices=True)):
+        with pytest.raises(ValueError, match="cannot run on oneDNN"):
+            OneDNNPool(pool)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernels", ["auto", "onednn"])
+def test_select_kernels_keeps_outputs_and_names(kernels):
+    model = _ConvBN(3).eval()
+    _randomize_bn(model)
+    model.side = nn.Sequential(
+        nn.Conv3d(6, 4, 1, padding="same"), nn.MaxPool3d(3, 1, 1)
+    )  # same: stays default
+    x = torch.randn(1, 1, 10, 10, 10)
+    ref, keys = model(x), list(model.state_dict())
+    choice = select_kernels(model, x, kernels)
+    assert set(choice) == {"conv1", "conv2", "side.0", "side.1"} and choice["side.0"] == "default"
+    assert set(choice.values()) <= {"onednn", "default"}
+    if kernels == "onednn":
+        assert choice["conv1"] == choice["conv2"] == choice["side.1"] == "onednn"
+        assert isinstance(model.conv2, OneDNNConv) and isinstance(model.side[1], OneDNNPool)
+    assert list(model.state_dict()) == keys
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+    unwrapped = {n: c for n, c in choice.items() if c == "default"}
+    assert select_kernels(model, x, "default") == unwrapped  # wrapped convs are not wrapped again
+
+
+def _monai_nets(dims):
+    from monai.networks.nets import ResNet, UNet
+
+    unet = UNet(
+        dims, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+    )  # transposed convs, norm, PReLU
+    resnet = ResNet("basic", [1, 1, 1, 1], [4, 8, 8, 8], spatial_dims=dims, n_input_channels=1, num_classes=2)
+    return {"unet": unet, "resnet": resnet}
+
+
+@needs_onednn
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kernels": "auto", "backend": "eager"},
+        {"kernels": "onednn", "backend": "jit"},
+        {"kernels": "auto", "backend": "jit", "memory_format": "channels_last"},
+    ],
+)
+def test_optimize_for_inference_backends_keep_outputs(dims, options):
+    x = torch.randn(2, 1, *([16] * dims))
+    for name, net in _monai_nets(dims).items():
+        net.eval()
+        _randomize_bn(net)
+        with torch.no_grad():
+            ref = net(x)
+        fast = optimize_for_inference(net, example_inputs=x, **options)
+        assert (fast is net) == (options["backend"] == "eager"), name
+        with torch.inference_mode():
+            out = fast(to_memory_format(x, options.get("memory_format")))
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_optimize_for_inference_rejects_bad_options():
+    net = _ConvBN(2).eval()
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        optimize_for_inference(net, example_inputs=x, kernels="mkldnn")
+    with pytest.raises(ValueError, match="unknown backend"):
+        optimize_for_inference(net, example_inputs=x, backend="compile")
+    with pytest.raises(ValueError, match="example_inputs"):
+        optimize_for_inference(net, kernels="auto")
+    with pytest.raises(ValueError, match="example_inputs"):
+        optimize_for_inference(net, backend="jit")
+    with pytest.raises(ValueError, match="example_inputs"):
+        select_kernels(net)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        select_kernels(net, x, "fast")
+    with pytest.raises(ValueError, match="float32 CPU"):
+        select_kernels(_ConvBN(2).double(), x.double(), "onednn")

@@ -5,10 +5,25 @@ from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
 from monai_iaprune.pruning.importance import RelevanceImportance
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
-from monai_iaprune.pruning.prune import PruneResult, count_macs, count_params, output_layers, prune
-from monai_iaprune.pruning.speed import fold_batchnorm, optimize_for_inference
+from monai_iaprune.pruning.prune import (
+    PruneResult,
+    count_macs,
+    count_params,
+    output_layers,
+    prune,
+    resolve_normalizer,
+)
+from monai_iaprune.pruning.speed import (
+    OneDNNConv,
+    OneDNNPool,
+    fold_batchnorm,
+    optimize_for_inference,
+    select_kernels,
+)
 
 __all__ = [
+    "OneDNNConv",
+    "OneDNNPool",
     "PruneResult",
     "RelevanceImportance",
     "count_macs",
@@ -22,5 +37,7 @@ __all__ = [
     "prune",
     "recalibrate_batchnorm",
     "remap_optimizer",
+    "resolve_normalizer",
     "save_pruned",
+    "select_kernels",
 ]
