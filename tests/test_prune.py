@@ -177,7 +177,7 @@ def test_auto_normalizer_follows_the_relevance_method():
 
     model = _tiny()
     # raw scores: conv 0 is 10x less relevant everywhere; per-layer "mean" normalisation hides that
-    raw = {"0": torch.linspace(0.1, 0.2, 8), "3": torch.linspace(1.0, 2.0, 8)}
+    raw = {"0": torch.linspace(0.1, 0.2, 8), "3": torch.tensor([1.0] * 4 + [4.0] * 4)}
     for method, expect in (
         ("lrp", None),
         ("ig", None),
@@ -187,13 +187,15 @@ def test_auto_normalizer_follows_the_relevance_method():
     ):
         assert resolve_normalizer("auto", ChannelRelevance(raw, method, 1)) == expect
     assert resolve_normalizer("auto", raw) == "mean"  # a plain dict: no method known
+    # raw scores only when the ratio counts parameters
+    assert resolve_normalizer("auto", ChannelRelevance(raw, "lrp", 1), "macs") == "mean"
     assert resolve_normalizer("rank", ChannelRelevance(raw, "lrp", 1)) == "rank"
     with pytest.raises(ValueError, match="unknown normalizer 'l2'"):
         resolve_normalizer("l2", raw)
     x = torch.randn(1, 1, 8, 8)
-    lrp = prune(copy.deepcopy(model), ChannelRelevance(raw, "lrp", 1, x), 0.25, target="channels")
-    mag = prune(copy.deepcopy(model), ChannelRelevance(raw, "magnitude", 1, x), 0.25, target="channels")
+    lrp = prune(copy.deepcopy(model), ChannelRelevance(raw, "lrp", 1, x), 0.2)
+    mag = prune(copy.deepcopy(model), ChannelRelevance(raw, "magnitude", 1, x), 0.2)
     # raw LRP scores: every removed channel comes from the low-relevance conv 0
-    assert lrp.channels["0"][1] == 4 and lrp.channels["3"][1] == 8
-    # "mean": both layers look alike after normalisation, so both lose channels
-    assert mag.channels["0"][1] > 4 and mag.channels["3"][1] < 8
+    assert lrp.channels["0"][1] < 8 and lrp.channels["3"][1] == 8
+    # "mean": conv 3's weak half is weakest relative to its layer (0.4 of the mean vs 0.67 for conv 0)
+    assert mag.channels["0"][1] == 8 and mag.channels["3"][1] < 8

@@ -222,12 +222,13 @@ def _limit_group(pruner: tp.pruner.MetaPruner, group, max_layer_ratio: float, ro
 SHARED_SCALE_METHODS = ("lrp", "ig", "taylor")
 
 
-def resolve_normalizer(normalizer: str | None, relevance: Any = None) -> str | None:
-    """The per-layer normaliser ``prune`` uses: ``"auto"`` resolved from ``relevance.method``.
+def resolve_normalizer(normalizer: str | None, relevance: Any = None, target: str = "params") -> str | None:
+    """The per-layer normaliser ``prune`` uses: ``"auto"`` resolved from ``relevance.method`` and ``target``.
 
     Args:
         normalizer: ``"auto"`` or one of ``RelevanceImportance.NORMALIZERS``.
         relevance: a ``ChannelRelevance`` (its ``method`` decides ``"auto"``) or a plain mapping.
+        target: what the pruning ratio counts (``prune``'s ``target``): raw scores only for ``"params"``.
     """
     if normalizer != "auto":
         if normalizer not in RelevanceImportance.NORMALIZERS:
@@ -235,7 +236,9 @@ def resolve_normalizer(normalizer: str | None, relevance: Any = None) -> str | N
                 f"unknown normalizer {normalizer!r}; use 'auto' or one of {RelevanceImportance.NORMALIZERS}"
             )
         return normalizer
-    return None if getattr(relevance, "method", None) in SHARED_SCALE_METHODS else "mean"
+    if target == "params" and getattr(relevance, "method", None) in SHARED_SCALE_METHODS:
+        return None
+    return "mean"
 
 
 def prune(
@@ -271,11 +274,13 @@ def prune(
         round_to: keep channel counts multiples of this (helps CPU kernels; see BENCHMARKS.md).
         max_layer_ratio: the most of one layer's channels that may go.
         normalizer: per-layer normalisation before channels are ranked across layers (see
-            ``RelevanceImportance``). ``"auto"`` (default) picks it from ``relevance.method``: ``None`` (raw
-            scores) for the attributions ``"lrp"``, ``"ig"``, ``"taylor"``, whose per-channel values are
-            shares of one explained output and so already on a common scale across layers; ``"mean"``
-            for everything else (``"dlb"``, whose relevance shrinks towards the input, filter
-            magnitudes, random scores, plain dicts). Chosen by the criteria study in BENCHMARKS.md.
+            ``RelevanceImportance``). ``"auto"`` (default): with ``target="params"``, ``None`` (raw scores)
+            for the attributions ``"lrp"``, ``"ig"``, ``"taylor"``, whose per-channel values are shares of
+            one explained output, so a wide layer's channels each carry little and go first — that removes
+            parameters where they cost least accuracy, but keeps most MACs (deep layers hold the
+            parameters, early layers the MACs); ``"mean"`` for every other method and for
+            ``target="macs"`` / ``"channels"``, where raw scores strip the cheap-per-MAC deep layers
+            and collapse (criteria study in BENCHMARKS.md).
         group_reduction: see ``RelevanceImportance``.
         tolerance: accepted gap between the reached and requested fraction for params / MACs targets.
         pruner_kwargs: extra ``MetaPruner`` arguments (e.g. ``num_heads``); MONAI-specific ones are added.
@@ -284,7 +289,7 @@ def prune(
         ``PruneResult`` with counts before and after, channels per layer and the pruning history.
     """
     _validate_ratio(ratio)
-    normalizer = resolve_normalizer(normalizer, relevance)
+    normalizer = resolve_normalizer(normalizer, relevance, target)
     if target not in TARGETS:
         raise ValueError(f"unknown pruning target {target!r}; use one of {TARGETS}")
     if not 0.0 < max_layer_ratio < 1.0:
