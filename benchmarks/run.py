@@ -777,8 +777,8 @@ def _goal2(
         "better of magnitude and random (goal: >= +5 pt ACC on 2 of 3 datasets, never below Taylor). 95 % bootstrap CI "
         f"over test images ({n_boot} resamples; seeds averaged inside each resample).",
         "",
-        "| dataset | best attribution | ACC | better of mag./random | ACC | ACC diff [95% CI] | AUC diff [95% CI] | vs Taylor ACC diff [95% CI] |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | best attribution | ACC | better of mag./random | ACC | ACC diff [95% CI] | AUC diff [95% CI] | vs Taylor ACC diff [95% CI] | MACs kept: attribution / reference / Taylor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     data: dict[str, Any] = {}
     n_met = 0
@@ -799,7 +799,7 @@ def _goal2(
         ref = [m for m in ("magnitude", "random") if m in probs]
         if not attr or not ref:
             data[d] = "not evaluable (attribution or reference criteria missing at this ratio)"
-            lines.append(f"| {d} | not run | | | | | | |")
+            lines.append(f"| {d} | not run | | | | | | | |")
             continue
         idx = rng.integers(0, len(y), size=(n_boot, len(y)))
 
@@ -832,10 +832,22 @@ def _goal2(
                 f"{100 * entry['acc_diff_vs_taylor']:+.1f} [{100 * ci(dt)[0]:+.1f}, {100 * ci(dt)[1]:+.1f}]"
             )
         n_met += diff >= 0.05
+
+        def macs_kept(m: str, d: str = d) -> float:
+            return _mean(
+                [
+                    float(r["macs_ratio"])
+                    for r in rows
+                    if r["dataset"] == d and r["method"] == m and abs(r["params_removed"] - ratio) < 1e-6
+                ]
+            )
+
+        entry["macs_kept"] = {m: macs_kept(m) for m in (bm, br, "taylor") if m in probs}
+        kept = " / ".join(f"{entry['macs_kept'][m]:.2f}" if m in probs else "-" for m in (bm, br, "taylor"))
         data[d] = entry
         lines.append(
             f"| {d} | {bm} | {point[bm][0]:.3f} | {br} | {point[br][0]:.3f} | {100 * diff:+.1f} [{100 * ci(dacc)[0]:+.1f}, {100 * ci(dacc)[1]:+.1f}] | "
-            f"{100 * entry['auc_diff']:+.1f} [{100 * ci(dauc)[0]:+.1f}, {100 * ci(dauc)[1]:+.1f}] | {vs_t} |"
+            f"{100 * entry['auc_diff']:+.1f} [{100 * ci(dauc)[0]:+.1f}, {100 * ci(dauc)[1]:+.1f}] | {vs_t} | {kept} |"
         )
     data["datasets_with_5pt_gain"] = int(n_met)
     lines.append("")
