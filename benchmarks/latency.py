@@ -54,7 +54,7 @@ def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
             lambda: UNet(3, 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
             (1, 1, 32, 32, 32),
         ),
-        "bench_resnet18_2d_w16_s1": (lambda: make_model(2, (16, 32, 64, 128), 1), (1, 1, 28, 28)),
+        "bench_resnet18_2d_w16": (lambda: make_model(2, (16, 32, 64, 128)), (1, 1, 28, 28)),
         "bench_resnet18_3d_w8": (lambda: make_model(3, (8, 16, 32, 64)), (1, 1, 28, 28, 28)),
     }
 
