@@ -169,8 +169,9 @@ def channel_relevance(
             ``label_key``. May be ``None`` only for data-free methods (``"magnitude"``, ``"random"``).
         method: one of ``METHODS``: ``"lrp"``, ``"ig"``, ``"dlb"``, ``"taylor"``, ``"magnitude"``, ``"random"``.
         layers: qualified module names to score; default every conv / linear layer.
-        target: what is explained (see ``monai_iaprune.relevance.targets``): ``"label"``, ``"pred"``, a
-            class index or a callable ``(output, label) -> selection``.
+        target: what is explained (see ``monai_iaprune.relevance.targets``): ``"label"``, ``"pred"``, the
+            signed ``"contrast"`` (label logit minus the others) or ``"loss"`` (softmax gradient), a class
+            index or a callable ``(output, label) -> selection``.
         absolute: average ``|per-sample channel relevance|`` (default) rather than the signed value.
         image_key, label_key: keys of dict batches.
         device: where to run; default the model's device.
