@@ -598,7 +598,9 @@ def summarize(out: Path, cache: Path, command: str, wall_s: float | None, write_
     md = "\n\n".join(
         [
             "## Accuracy after pruning (MedMNIST)",
-            f"Command: `{command}` (wall time {wall}; load average at start/end in `benchmarks/results/run_info.json`).",
+            f"Tables written by `{command}`; the rows come from the runs listed in `benchmarks/results/run_info.json` "
+            f"(command, threads, start / end time, load average; their wall times add up to {wall}, and runs may overlap: "
+            "see the status section for how this grid was produced).",
             "Criteria not run: " + (", ".join(missing) if missing else "none") + ".",
             "Pruned+BN = right after pruning and BatchNorm re-calibration on the calibration subset, no fine-tune. "
             "Fine-tuned = after the same short fine-tune for every criterion (best validation epoch, the pruned "
