@@ -247,3 +247,12 @@ def test_optimize_for_inference_rejects_bad_options():
         select_kernels(net, x, "fast")
     with pytest.raises(ValueError, match="float32 CPU"):
         select_kernels(_ConvBN(2).double(), x.double(), "onednn")
+
+
+def test_optimize_for_inference_refuses_before_changing_the_model():
+    net = _ConvBN(2).double().eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert n_bn > 0
+    with pytest.raises(ValueError, match="float32 CPU"):
+        optimize_for_inference(net, example_inputs=torch.randn(1, 1, 8, 8).double(), kernels="auto")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn  # nothing folded

@@ -201,6 +201,15 @@ def _median_s(fn: nn.Module, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def _check_onednn_model(model: nn.Module, kernels: str) -> None:
+    if kernels != "default" and any(
+        p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()
+    ):
+        raise ValueError(
+            f"kernels={kernels!r} needs a float32 CPU model (oneDNN kernels); use kernels='default'"
+        )
+
+
 def select_kernels(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -230,12 +239,7 @@ def select_kernels(
         raise ValueError(f"unknown kernels {kernels!r}; use one of {KERNELS}")
     if kernels == "auto" and example_inputs is None:
         raise ValueError("kernels='auto' times each layer on its real input: pass example_inputs")
-    if kernels != "default" and any(
-        p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()
-    ):
-        raise ValueError(
-            f"kernels={kernels!r} needs a float32 CPU model (oneDNN kernels); use kernels='default'"
-        )
+    _check_onednn_model(model, kernels)
     model.eval()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, *_POOLS))}
     layers = {
@@ -315,6 +319,7 @@ def optimize_for_inference(
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if example_inputs is None and (kernels == "auto" or backend == "jit"):
         raise ValueError(f"kernels={kernels!r}, backend={backend!r} need example_inputs")
+    _check_onednn_model(model, kernels)  # refuse before anything is changed in place
     model.eval()
     if fold_bn:
         fold_batchnorm(model)
