@@ -256,3 +256,32 @@ def test_optimize_for_inference_refuses_before_changing_the_model():
     with pytest.raises(ValueError, match="float32 CPU"):
         optimize_for_inference(net, example_inputs=torch.randn(1, 1, 8, 8).double(), kernels="auto")
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn  # nothing folded
+
+
+def _bench_train():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from run import make_model, train
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return make_model, train
+
+
+def test_distillation_fine_tune_follows_the_teacher_not_the_labels():
+    make_model, train = _bench_train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 12, 12, generator=g)
+    y = torch.randint(0, 2, (16,), generator=g)
+    torch.manual_seed(0)
+    teacher = make_model(2, (4, 4, 8, 8)).eval()
+    student = make_model(2, (4, 4, 8, 8))
+
+    def fine_tune(labels, alpha):
+        s = __import__("copy").deepcopy(student)
+        train(s, (x, labels), (x, y), epochs=1, batch=8, seed=0, teacher=teacher, kd_alpha=alpha)
+        return torch.cat([p.detach().flatten() for p in s.parameters()])
+
+    # kd_alpha=1: the loss is the distillation term alone, so the labels cannot matter
+    torch.testing.assert_close(fine_tune(y, 1.0), fine_tune(1 - y, 1.0), rtol=0, atol=0)
+    # kd_alpha=0.5 keeps the cross-entropy term: the labels change the result
+    assert not torch.equal(fine_tune(y, 0.5), fine_tune(1 - y, 0.5))

@@ -251,7 +251,7 @@ def prune(
     global_pruning: bool = True,
     ignored_layers: Iterable[nn.Module | str] | None = None,
     round_to: int | None = None,
-    max_layer_ratio: float = 0.95,
+    max_layer_ratio: float = 0.9,
     normalizer: str | None = "auto",
     group_reduction: str = "mean",
     tolerance: float = 0.01,
@@ -271,8 +271,12 @@ def prune(
         global_pruning: rank channels across layers (default) or prune every layer by the same ratio.
         ignored_layers: modules (or their names) never pruned; the layers producing the network output
             (classifier heads, segmentation output convs) are always added.
-        round_to: keep channel counts multiples of this (helps CPU kernels; see BENCHMARKS.md).
-        max_layer_ratio: the most of one layer's channels that may go.
+        round_to: keep channel counts multiples of this (helps CPU kernels; ``8`` for GPU inference, where
+            other counts fall off cuDNN's fast kernels; see BENCHMARKS.md).
+        max_layer_ratio: the most of one layer's channels that may go (default 0.9: at least 10 % of each
+            layer stays). Raw scores ranked across layers strip single layers to 1-2 channels at >= 90 %
+            of parameters removed when this is 0.99, and the network then predicts one class; with 0.9 the
+            same scores keep their accuracy (BENCHMARKS.md, MedMNIST benchmark).
         normalizer: per-layer normalisation before channels are ranked across layers (see
             ``RelevanceImportance``). ``"auto"`` (default): with ``target="params"``, ``None`` (raw scores)
             for the attributions ``"lrp"``, ``"ig"``, ``"taylor"``, whose per-channel values are shares of
