@@ -199,3 +199,33 @@ def test_auto_normalizer_follows_the_relevance_method():
     assert lrp.channels["0"][1] < 8 and lrp.channels["3"][1] == 8
     # "mean": conv 3's weak half is weakest relative to its layer (0.4 of the mean vs 0.67 for conv 0)
     assert mag.channels["0"][1] == 8 and mag.channels["3"][1] < 8
+
+
+def test_default_layer_cap_keeps_a_tenth_of_every_layer():
+    """Raw scores that rank one layer far below the rest: the default cap (0.9) keeps 2 of its 20 channels."""
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 20, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(20, 20, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(20, 3),
+        )
+
+    def rel(model: nn.Module) -> ChannelRelevance:
+        r = _ones(model)
+        r["0"] = torch.full((20,), 1e-6) + torch.arange(20) * 1e-8  # far below layer "2"
+        r["2"] = torch.ones(20) + torch.arange(20) * 1e-3
+        return r
+
+    default = net()
+    prune(default, rel(default), 0.9, normalizer=None)
+    assert default[0].out_channels == 2  # 20 - floor(0.9 * 20)
+    assert default[2].out_channels < 20  # the rest of the budget came from the other layer
+    looser = net()
+    prune(looser, rel(looser), 0.9, normalizer=None, max_layer_ratio=0.95)
+    assert looser[0].out_channels == 1

@@ -200,7 +200,6 @@ def _median_s(fn: nn.Module, x: torch.Tensor) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
 def _check_onednn_model(model: nn.Module, kernels: str) -> None:
     if kernels != "default" and any(
         p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()
@@ -210,6 +209,7 @@ def _check_onednn_model(model: nn.Module, kernels: str) -> None:
         )
 
 
+@torch.no_grad()
 def select_kernels(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
