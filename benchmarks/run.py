@@ -106,7 +106,20 @@ DATASETS: dict[str, dict[str, Any]] = {
         "ft_epochs": 2,
         "batch": 32,
     },
+    # the same volumes at 64^3: 12x the voxels; not in the default grid (about 12x the CPU time of the 28^3 rows;
+    # BENCHMARKS.md gives the command and the machine it ran on)
+    "adrenalmnist3d_64": {
+        "file": "adrenalmnist3d_64.npz",
+        "dims": 3,
+        "widths": (8, 16, 32, 64),
+        "epochs": 12,
+        "ft_epochs": 2,
+        "batch": 32,
+        "default": False,
+    },
 }
+DEFAULT_DATASETS = [k for k, v in DATASETS.items() if v.get("default", True)]
+DEVICE = torch.device("cpu")  # set by --device: training, relevance, pruning and evaluation run there
 
 
 def model_name(cfg: dict[str, Any]) -> str:
@@ -191,7 +204,9 @@ def auc_score(y: np.ndarray, p: np.ndarray) -> float:
 def predict(model: nn.Module, x: torch.Tensor, size: int = 256) -> np.ndarray:
     """Probability of class 1 for every image."""
     model.eval()
-    out = [torch.softmax(model(xb), 1)[:, 1] for xb, _ in batches(x, torch.zeros(len(x)), size)]
+    out = [
+        torch.softmax(model(xb.to(DEVICE)), 1)[:, 1].cpu() for xb, _ in batches(x, torch.zeros(len(x)), size)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -247,6 +262,7 @@ def train(
         for xb, yb in batches(*train_xy, batch, shuffle=True, gen=gen, augment=True):
             if len(xb) < 2:
                 continue
+            xb, yb = xb.to(DEVICE), yb.to(DEVICE)
             opt.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -280,9 +296,9 @@ def base_model(
     ep = cfg["epochs"] if epochs is None else epochs
     path = cache / f"{name}_{model_name(cfg)}_e{ep}_n{len(data['train'][0])}.pt"
     torch.manual_seed(0)
-    model = make_model(cfg["dims"], cfg["widths"], cfg.get("stem_stride", 2))
+    model = make_model(cfg["dims"], cfg["widths"], cfg.get("stem_stride", 2)).to(DEVICE)
     if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = torch.load(path, map_location=DEVICE, weights_only=False)
         model.load_state_dict(blob["state"])
         return model, blob["info"]
     info = train(model, data["train"], data["val"], ep, cfg["batch"], seed=0)
@@ -327,8 +343,9 @@ def base_explanations(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dic
         one-hot), the unpruned model's IG maps and its mean deletion AUC.
     """
     model.eval()
+    x, y = x.to(DEVICE), y.to(DEVICE)
     sel = explained_selection(model, x, y, "label")
-    maps = attribution_maps(model, x, "ig", selection=sel, n_steps=EXPL_IG_STEPS)
+    maps = attribution_maps(model, x, "ig", selection=sel, n_steps=EXPL_IG_STEPS).cpu()
     with torch.no_grad():
         deletion, _ = deletion_insertion_curves(model, x, maps, sel, EXPL_DELETION_STEPS)
     return {"x": x, "selection": sel, "maps": maps, "deletion_auc": float(curve_auc(deletion).mean())}
@@ -338,7 +355,7 @@ def explanation_columns(pruned: nn.Module, base: dict[str, Any]) -> dict[str, fl
     """``expl_spearman``, ``expl_top10_iou`` (medians over images, pruned vs unpruned IG maps of the same label)
     and ``deletion_auc_base`` / ``deletion_auc_pruned`` (means; lower = more faithful)."""
     pruned.eval()
-    maps = attribution_maps(pruned, base["x"], "ig", selection=base["selection"], n_steps=EXPL_IG_STEPS)
+    maps = attribution_maps(pruned, base["x"], "ig", selection=base["selection"], n_steps=EXPL_IG_STEPS).cpu()
     agree = agreement_from_maps(base["maps"], maps, 0.1)
     with torch.no_grad():
         deletion, _ = deletion_insertion_curves(
@@ -438,7 +455,7 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
     if args.ft_epochs is None and args.epochs is not None:
         ft_epochs = max(1, int(0.2 * args.epochs))
     xtr, ytr = data["train"]
-    x1 = data["test"][0][:1]
+    x1 = data["test"][0][:1].to(DEVICE)
     macs_base = count_macs(model, x1)
     rel_kwargs = json.loads(args.relevance_kwargs) if args.relevance_kwargs else {}
     expl_base: dict[str, Any] | None = None  # the unpruned model's maps, computed on first use
@@ -491,8 +508,14 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
                     expl_base = base_explanations(model, xt[:EXPL_IMAGES], yt[:EXPL_IMAGES])
                 expl = explanation_columns(m, expl_base)
                 t_expl = time.perf_counter() - t
-                if lat_cache is None:
-                    lat_cache = latency_pair(model, m, x1, repeats=args.latency_repeats)
+                if lat_cache is None:  # always on the CPU (copies when the run uses another device)
+                    on_cpu = DEVICE.type == "cpu"
+                    lat_cache = latency_pair(
+                        model if on_cpu else copy.deepcopy(model).cpu(),
+                        m if on_cpu else copy.deepcopy(m).cpu(),
+                        x1.cpu(),
+                        repeats=args.latency_repeats,
+                    )
                 t = time.perf_counter()
                 train(
                     m,
@@ -608,7 +631,7 @@ def summarize(out: Path, cache: Path, command: str, wall_s: float | None, write_
         "| dataset | model | params | epochs (best) | test ACC | test AUC | MedMNIST v2 ResNet-18(28) ACC |",
         "|---|---|---|---|---|---|---|",
     ]
-    ref = {"breastmnist": "0.863", "pneumoniamnist": "0.854", "adrenalmnist3d": "-"}
+    ref = {"breastmnist": "0.863", "pneumoniamnist": "0.854"}
     for d, b in base.items():
         base_lines.append(
             f"| {d} | {b['model']} | {b['params']} | {b.get('epochs', '?')} ({b['best_epoch']}) | {b['test_acc']:.3f} | {b['test_auc']:.3f} | {ref.get(d, '-')} |"
@@ -882,7 +905,13 @@ def _goal2(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=DEFAULT_DATASETS,
+        choices=list(DATASETS),
+        help=f"default {' '.join(DEFAULT_DATASETS)}",
+    )
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
     p.add_argument(
         "--ratios", nargs="+", type=float, default=list(RATIOS), help="fractions of parameters removed"
@@ -919,6 +948,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
     p.add_argument("--latency-repeats", type=int, default=30)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where training, relevance, pruning and evaluation run (e.g. cuda); latency is always measured on the CPU",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument(
         "--cache", type=Path, default=None, help="default benchmarks/cache, or OUT/cache with --quick"
@@ -947,6 +981,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _ensure_methods_loaded()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -957,6 +993,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry = {
             "command": command,
             "threads": torch.get_num_threads(),
+            "device": str(DEVICE)
+            + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "load_start": os.getloadavg(),
         }
