@@ -41,6 +41,7 @@ from run import (  # noqa: E402
     CACHE,
     DATA_DIR,
     DATASETS,
+    DEFAULT_DATASETS,
     RESULTS,
     base_model,
     batches,
@@ -204,7 +205,7 @@ def _tables(rows: list[dict[str, str]]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, choices=list(DATASETS))
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS))
     p.add_argument("--targets", nargs="+", default=list(TARGETS))
     p.add_argument("--normalizers", nargs="+", default=list(NORMALIZERS), choices=list(NORMALIZERS))

@@ -20,6 +20,8 @@ T="${2:-420}"
 mkdir -p "$OUT"
 R=/tmp/grid
 rm -rf "$R" && mkdir -p "$R/cache"
+# a cache brought along (.gpudata/cache: base model and predictions of an earlier run) is reused
+[ -d .gpudata/cache ] && cp -r .gpudata/cache/. "$R/cache/"
 
 rm -rf /tmp/site && mkdir -p /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \

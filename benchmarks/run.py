@@ -419,6 +419,12 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def preds_dir(out: Path, cache: Path) -> Path:
+    """Where the test predictions behind the bootstrap intervals live: ``cache/preds`` for the main results folder,
+    ``out/preds`` for any other ``--out`` (an experiment must not overwrite the main grid's predictions)."""
+    return cache / "preds" if out.resolve() == RESULTS.resolve() else out / "preds"
+
+
 def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: Path, cache: Path) -> None:
     path = DATA_DIR / cfg["file"]
     if not path.exists():
@@ -432,8 +438,9 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
     print(
         f"[base] {name} {model_name(cfg)}: test ACC {acc_base:.4f} AUC {auc_base:.4f} (val best epoch {info['best_epoch']}, train {info['time_s']:.0f}s)"
     )
-    (cache / "preds").mkdir(parents=True, exist_ok=True)
-    np.savez(cache / "preds" / f"{name}_base.npz", p=p_base, y=data["test"][1].numpy())
+    preds = preds_dir(out, cache)
+    preds.mkdir(parents=True, exist_ok=True)
+    np.savez(preds / f"{name}_base.npz", p=p_base, y=data["test"][1].numpy())
     base_json = out / "base_models.json"
     allinfo = json.loads(base_json.read_text()) if base_json.exists() else {}
     allinfo[name] = {
@@ -532,9 +539,7 @@ def run_dataset(name: str, cfg: dict[str, Any], args: argparse.Namespace, out: P
                 t_ft = time.perf_counter() - t
                 p_ft = predict(m, data["test"][0])
                 acc_ft, auc_ft = metrics(data["test"][1], p_ft)
-                np.savez(
-                    cache / "preds" / f"{name}_{method}_{ratio:.2f}_{seed}.npz", pruned=p_pr, finetuned=p_ft
-                )
+                np.savez(preds / f"{name}_{method}_{ratio:.2f}_{seed}.npz", pruned=p_pr, finetuned=p_ft)
                 row = {
                     "dataset": name,
                     "model": model_name(cfg),
@@ -624,7 +629,7 @@ def summarize(out: Path, cache: Path, command: str, wall_s: float | None, write_
                 )
     table = "\n".join(lines)
     g1 = _goal1(rows, datasets, methods)
-    g2 = _goal2(rows, datasets, methods, cache)
+    g2 = _goal2(rows, datasets, methods, preds_dir(out, cache))
     (out / "goals.json").write_text(json.dumps({"G1": g1["data"], "G2": g2["data"]}, indent=1))
     base = json.loads((out / "base_models.json").read_text()) if (out / "base_models.json").exists() else {}
     base_lines = [
@@ -813,7 +818,7 @@ def _goal2(
     rows: list[dict],
     datasets: list[str],
     methods: list[str],
-    cache: Path,
+    preds: Path,
     ratio: float = 0.7,
     n_boot: int = 2000,
 ) -> dict[str, Any]:
@@ -829,7 +834,7 @@ def _goal2(
     n_met = 0
     rng = np.random.default_rng(0)
     for d in datasets:
-        base_f = cache / "preds" / f"{d}_base.npz"
+        base_f = preds / f"{d}_base.npz"
         if not base_f.exists():
             continue
         y = np.load(base_f)["y"]
@@ -837,7 +842,7 @@ def _goal2(
         for m in methods:
             for r in rows:
                 if r["dataset"] == d and r["method"] == m and abs(r["params_removed"] - ratio) < 1e-6:
-                    f = cache / "preds" / f"{d}_{m}_{ratio:.2f}_{r['seed']}.npz"
+                    f = preds / f"{d}_{m}_{ratio:.2f}_{r['seed']}.npz"
                     if f.exists():
                         probs.setdefault(m, []).append(np.load(f)["pruned"])
         attr = [m for m in ATTRIBUTION if m in probs]
@@ -876,7 +881,8 @@ def _goal2(
             vs_t = (
                 f"{100 * entry['acc_diff_vs_taylor']:+.1f} [{100 * ci(dt)[0]:+.1f}, {100 * ci(dt)[1]:+.1f}]"
             )
-        n_met += diff >= 0.05
+        if d in DEFAULT_DATASETS:  # the goal is set on the issue's three datasets
+            n_met += diff >= 0.05
 
         def macs_kept(m: str, d: str = d) -> float:
             return _mean(
@@ -896,7 +902,12 @@ def _goal2(
         )
     data["datasets_with_5pt_gain"] = int(n_met)
     lines.append("")
-    lines.append(f"Datasets with >= +5 pt ACC: {n_met} of {len(datasets)} (goal: 2 of 3).")
+    goal_sets = [d for d in datasets if d in DEFAULT_DATASETS]
+    extra = [d for d in datasets if d not in DEFAULT_DATASETS]
+    lines.append(
+        f"Datasets with >= +5 pt ACC: {n_met} of {len(goal_sets)} (goal: 2 of 3)"
+        + (f"; {', '.join(extra)} is reported beside the goal's three, not counted." if extra else ".")
+    )
     return {"data": data, "md": "\n".join(lines)}
 
 

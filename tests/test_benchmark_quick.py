@@ -59,6 +59,13 @@ def test_quick_benchmark_writes_rows_and_curves(tmp_path):
     assert "G2" in proc.stdout and "G1" in proc.stdout
     # the quick run must not touch the shared BENCHMARKS.md nor the real cache
     assert (tmp_path / "cache").is_dir()
+    # predictions of a run outside benchmarks/results stay in its own folder, never in a cache the main grid reads
+    assert sorted(f.name for f in (tmp_path / "preds").iterdir()) == [
+        "breastmnist_base.npz",
+        "breastmnist_random_0.50_0.npz",
+        "breastmnist_taylor_0.50_0.npz",
+    ]
+    assert not (tmp_path / "cache" / "preds").exists()
 
 
 class _ConvBN(nn.Module):
@@ -285,3 +292,51 @@ def test_distillation_fine_tune_follows_the_teacher_not_the_labels():
     torch.testing.assert_close(fine_tune(y, 1.0), fine_tune(1 - y, 1.0), rtol=0, atol=0)
     # kd_alpha=0.5 keeps the cross-entropy term: the labels change the result
     assert not torch.equal(fine_tune(y, 0.5), fine_tune(1 - y, 0.5))
+
+
+def _merge_module():
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module("merge_rows")
+    finally:
+        sys.path.pop(0)
+
+
+def test_merge_rows_keeps_existing_rows_and_adds_the_new_ones(tmp_path):
+    mr = _merge_module()
+    cols = mr.COLUMNS
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    def row(method, ratio, seed, acc):
+        return {"dataset": "d", "method": method, "params_removed": ratio, "seed": seed, "acc_pruned": acc}
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    write(out / "accuracy.csv", [row("lrp", "0.7", "0", "0.5")])
+    src = tmp_path / "grid"
+    # the same key as a row already there (written as 0.70): dropped; two new rows from two criteria
+    write(src / "lrp" / "accuracy.csv", [row("lrp", "0.70", "0", "0.9"), row("lrp", "0.95", "0", "0.6")])
+    write(src / "taylor" / "accuracy.csv", [row("taylor", "0.7", "1", "0.7")])
+    (src / "cache" / "preds").mkdir(parents=True)
+    (src / "cache" / "preds" / "d_base.npz").write_bytes(b"new")
+    (cache / "preds").mkdir(parents=True)
+    (cache / "preds" / "d_base.npz").write_bytes(b"old")
+    (src / "cache" / "preds" / "d_lrp_0.95_0.npz").write_bytes(b"x")
+    (src / "taylor" / "preds").mkdir()
+    (src / "taylor" / "preds" / "d_taylor_0.70_1.npz").write_bytes(b"t")
+
+    assert mr.merge([src], out, cache) == 2
+    with (out / "accuracy.csv").open() as f:
+        got = {(r["method"], r["params_removed"], r["seed"]): r["acc_pruned"] for r in csv.DictReader(f)}
+    assert got == {("lrp", "0.7", "0"): "0.5", ("lrp", "0.95", "0"): "0.6", ("taylor", "0.7", "1"): "0.7"}
+    assert (cache / "preds" / "d_base.npz").read_bytes() == b"old"  # nothing overwritten
+    assert (cache / "preds" / "d_lrp_0.95_0.npz").read_bytes() == b"x"
+    assert (cache / "preds" / "d_taylor_0.70_1.npz").read_bytes() == b"t"
+    assert mr.merge([src], out, cache) == 0  # merging again adds nothing
