@@ -298,7 +298,7 @@ def base_model(
     torch.manual_seed(0)
     model = make_model(cfg["dims"], cfg["widths"], cfg.get("stem_stride", 2)).to(DEVICE)
     if path.exists():
-        blob = torch.load(path, map_location=DEVICE, weights_only=False)
+        blob = torch.load(path, map_location=DEVICE, weights_only=True)
         model.load_state_dict(blob["state"])
         return model, blob["info"]
     info = train(model, data["train"], data["val"], ep, cfg["batch"], seed=0)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_iaprune.pruning.checkpoint import atomic_write
+from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned, safe_load
 
 
 def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_epochs: int = 0) -> None:
@@ -62,19 +62,16 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike, overwrite: bool
 def load_state_dict(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a state-dict checkpoint into ``network``; a checkpoint of another architecture raises a clear error.
 
-    Accepts a plain state dict or a dict with a ``"state_dict"`` / ``"model"`` / ``"network"`` entry.
+    The file is read with ``torch.load(weights_only=True)`` (it never runs code). Accepts a plain state dict or
+    a dict with a ``"state_dict"`` / ``"model"`` / ``"network"`` entry.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = safe_load(path)
     if isinstance(ckpt, dict):
         for key in ("state_dict", "model", "network"):
             if key in ckpt and isinstance(ckpt[key], dict):
                 ckpt = ckpt[key]
                 break
-    if isinstance(ckpt, nn.Module):
-        ckpt = ckpt.state_dict()
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     own = network.state_dict()
@@ -106,18 +103,9 @@ def load_network(
         path: ``models/model.pt`` (state dict) or ``models/model_pruned.pt`` (pruned structure + weights).
         device: where to put the network.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(ckpt, dict) and (
-        "pruned_structure" in ckpt or "structure" in ckpt or "full_state_dict" in ckpt
-    ):
-        from monai_iaprune.pruning.checkpoint import load_pruned
-
-        # the recorded structure of some MONAI nets holds enums (SegResNet's UpsampleMode) that
-        # weights_only=True refuses; bundle checkpoints are the user's own files
-        return load_pruned(str(path), network_def=network_def, weights_only=False).to(device)
+    ckpt = safe_load(path)
+    if isinstance(ckpt, dict) and "pruned_structure" in ckpt:
+        return load_pruned(str(path), network_def=network_def).to(device)
     return load_state_dict(network_def, path).to(device)
 
 

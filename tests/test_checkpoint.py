@@ -17,11 +17,6 @@ from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, sa
 NET_DEF = 'ResNet("basic", [2, 2, 2, 2], [4, 8, 16, 32], spatial_dims=2, n_input_channels=1, num_classes=3)'
 
 
-class _Unpicklable:
-    def __reduce__(self):
-        raise RuntimeError("cannot pickle on purpose")
-
-
 def _pruned_net() -> torch.nn.Module:
     net = eval(NET_DEF, {"ResNet": ResNet})
     x = torch.randn(2, 1, 16, 16)
@@ -58,20 +53,18 @@ def test_round_trip_in_fresh_process(pruned, tmp_path: Path):
         from monai_iaprune.pruning.checkpoint import load_pruned
         x = torch.load(r"{tmp_path / "x.pt"}")
         a = load_pruned(r"{ckpt}", {NET_DEF})  # fresh network_def + recorded structure (weights_only load)
-        b = load_pruned(r"{ckpt}")  # pickled weightless module fallback
         with torch.no_grad():
-            torch.save({{"a": a(x), "b": b(x), "extra": torch.load(r"{ckpt}")["extra"]}}, r"{tmp_path / "out.pt"}")
+            torch.save({{"a": a(x), "extra": torch.load(r"{ckpt}", weights_only=True)["extra"]}}, r"{tmp_path / "out.pt"}")
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
     out = torch.load(tmp_path / "out.pt")
     assert torch.equal(out["a"], expected)
-    assert torch.equal(out["b"], expected)
     assert out["extra"] == {"method": "magnitude", "ratio": 0.4}
 
 
 def test_wrong_network_def_is_refused(pruned, tmp_path: Path):
-    ckpt = save_pruned(pruned, tmp_path / "p.pt", include_module=False)
+    ckpt = save_pruned(pruned, tmp_path / "p.pt")
     other = ResNet("basic", [1, 1, 1, 1], [4, 8, 16, 32], spatial_dims=2, n_input_channels=1, num_classes=3)
     with pytest.raises(ValueError, match="does not have"):
         load_pruned(ckpt, other)
@@ -99,14 +92,20 @@ def test_no_silent_overwrite(pruned, tmp_path: Path):
     assert load_pruned(target, eval(NET_DEF, {"ResNet": ResNet})) is not None
 
 
-def test_failed_save_leaves_no_partial_file(pruned, tmp_path: Path):
+def test_failed_save_leaves_no_partial_file(pruned, tmp_path: Path, monkeypatch):
     target = tmp_path / "p.pt"
-    with pytest.raises(RuntimeError, match="on purpose"):  # torch.save fails midway
-        save_pruned(pruned, target, extra={"bad": _Unpicklable()})
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("fails on purpose")
+
+    monkeypatch.setattr(torch, "save", failing_save)  # torch.save fails midway
+    with pytest.raises(RuntimeError, match="on purpose"):
+        save_pruned(pruned, target, extra={"method": "magnitude"})
     assert list(tmp_path.iterdir()) == []
     # an existing file survives a failed overwrite unchanged
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError, match="on purpose"):
-        save_pruned(pruned, target, extra={"bad": _Unpicklable()}, overwrite=True)
+        save_pruned(pruned, target, extra={"method": "magnitude"}, overwrite=True)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["p.pt"]

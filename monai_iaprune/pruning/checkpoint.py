@@ -1,15 +1,14 @@
 """Save and load pruned networks, whose shapes no longer match the unpruned ``network_def``.
 
-A pruned checkpoint holds the weights (``state_dict``), the recorded structure of every module
+A pruned checkpoint holds the weights (``state_dict``) and the recorded structure of every module
 (parameter / buffer shapes and the channel attributes torch-pruning rewrote, e.g. ``out_channels``,
-``num_features``, ``groups``) and, as a fallback, the module itself pickled without weights. A fresh
-process rebuilds the pruned network from a fresh ``network_def`` plus the structure (no pickle needed:
-``torch.load(weights_only=True)``), or from the pickled module when no ``network_def`` is at hand.
+``num_features``, ``groups``) as plain data. A fresh process rebuilds the pruned network from a fresh
+``network_def`` plus that structure; every file is read with ``torch.load(weights_only=True)``, so loading a
+checkpoint never runs code from it. Files of the first format also held a pickled module: it is never unpickled.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import tempfile
@@ -28,9 +27,11 @@ __all__ = [
     "load_pruned",
     "export_torchscript",
     "atomic_write",
+    "safe_load",
 ]
 
-FORMAT = "monai_iaprune.pruned/1"
+FORMAT = "monai_iaprune.pruned/2"
+LEGACY_FORMATS = ("monai_iaprune.pruned/1",)
 _PRIMITIVES = (bool, int, float, str, type(None))
 _SKIP_ATTRS = {"training"}
 
@@ -41,6 +42,20 @@ def _plain(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_plain(v) for v in value)
     return False
+
+
+def _as_data(value: Any) -> Any:
+    """``value`` with enum members of str / int / float (MONAI's ``StrEnum`` settings) as their plain values.
+
+    A safe load (``weights_only=True``) refuses any class it does not know, enums included.
+    """
+    if isinstance(value, (tuple, list)):
+        items = [_as_data(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    for base in (bool, int, float, str):
+        if isinstance(value, base) and type(value) is not base:
+            return base.__str__(value) if base is str else base(value)
+    return value
 
 
 def pruned_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -71,7 +86,7 @@ def pruned_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
                 if n in nonpersistent and b is not None
             },
             "attrs": {
-                k: v
+                k: _as_data(v)
                 for k, v in vars(m).items()
                 if not k.startswith("_") and k not in _SKIP_ATTRS and _plain(v)
             },
@@ -166,70 +181,75 @@ def atomic_write(
     return path
 
 
-def _weightless_copy(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` with parameters and persistent buffers on the meta device (no data copied)."""
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        nonpersistent = getattr(m, "_non_persistent_buffers_set", set())
-        for p in m._parameters.values():
-            if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for n, b in m._buffers.items():
-            if b is not None:
-                memo[id(b)] = (
-                    b.detach().cpu().clone() if n in nonpersistent else torch.empty_like(b, device="meta")
-                )
-    return copy.deepcopy(model, memo)
-
-
-def _materialize(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        for n, p in m._parameters.items():
-            if p is not None and p.is_meta:
-                m._parameters[n] = nn.Parameter(
-                    torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad
-                )
-        for n, b in m._buffers.items():
-            if b is not None and b.is_meta:
-                m._buffers[n] = torch.empty_like(b, device="cpu")
-    return model
-
-
 def save_pruned(
     model: nn.Module,
     path: str | os.PathLike,
     extra: dict[str, Any] | None = None,
     *,
-    include_module: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Save a pruned network so a fresh process can load it although ``network_def`` has other shapes.
 
-    Writes ``{"format", "state_dict", "pruned_structure", "extra", "module"}`` atomically.
+    Writes ``{"format", "state_dict", "pruned_structure", "extra"}`` atomically: tensors and plain data only,
+    so ``load_pruned`` reads it with ``torch.load(weights_only=True)``.
 
     Args:
         model: the pruned network (unwrap ``DistributedDataParallel`` first).
         path: destination ``.pt`` file.
-        extra: anything else to store (e.g. ``PruneResult.as_dict()``, the relevance method); keep it to
-            tensors and plain Python values so the file stays loadable with ``weights_only=True``.
-        include_module: also store the module pickled *without weights* (bytes), so ``load_pruned`` works
-            without a ``network_def`` (needs the defining code importable, and trusting the file).
+        extra: anything else to store (e.g. ``PruneResult.as_dict()``, the relevance method): tensors and
+            plain Python values (numbers, strings, lists, dicts, None) only.
         overwrite: replace an existing file; otherwise ``FileExistsError``.
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        TypeError: ``extra`` holds something other than tensors and plain values (a safe load would refuse it).
     """
+    _check_plain_extra(extra or {})
     payload: dict[str, Any] = {
         "format": FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "pruned_structure": pruned_structure(model),
         "extra": dict(extra or {}),
     }
-    if include_module:
-        buf = io.BytesIO()
-        torch.save(_weightless_copy(model), buf)
-        payload["module"] = buf.getvalue()
     return atomic_write(path, lambda f: torch.save(payload, f), overwrite=overwrite)
+
+
+def _check_plain_extra(value: Any, where: str = "extra") -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str keys")
+            _check_plain_extra(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain_extra(v, f"{where}[{i}]")
+    elif not isinstance(value, (torch.Tensor, *_PRIMITIVES)):
+        raise TypeError(
+            f"{where} is a {type(value).__name__}: a pruned checkpoint stores tensors and plain values only "
+            "(numbers, strings, lists, dicts, None), so that it loads without running code"
+        )
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: never runs code from the file; a refusal names the file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file holds Python objects other than tensors and plain data (or is no torch file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file and the reason
+        raise ValueError(
+            f"refusing to load {str(path)!r}: a safe load (weights_only=True) failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Checkpoints are never unpickled with code; re-save a "
+            "trusted model as a plain state dict (torch.save(net.state_dict(), path)) or with save_pruned"
+        ) from e
 
 
 def _find_structure(ckpt: Mapping[str, Any], network_key: str) -> tuple[dict, dict, dict]:
@@ -262,50 +282,35 @@ def load_pruned(
     network_key: str = "network",
     map_location: str | torch.device = "cpu",
     strict: bool = True,
-    weights_only: bool = True,
 ) -> nn.Module:
     """Load a pruned network saved by ``save_pruned`` (or by a CheckpointSaver that saved the pruning handler).
+
+    The file is read with ``torch.load(weights_only=True)``: it never runs code.
 
     Args:
         path: the checkpoint file.
         network_def: a freshly built network of the original (unpruned) definition; it is reshaped in place
-            to the recorded structure and receives the weights. ``None``: rebuild from the pickled module
-            stored by ``save_pruned(include_module=True)`` (runs pickle: only for trusted files).
+            to the recorded structure and receives the weights. Required.
         network_key: for CheckpointSaver files, the ``save_dict`` key of the network.
         map_location: where to load tensors.
         strict: passed to ``load_state_dict``.
-        weights_only: load with ``torch.load(weights_only=True)`` when ``network_def`` is given (safe);
-            set False for trusted files whose ``extra`` holds arbitrary objects.
 
     Returns:
         The pruned network, weights loaded, in eval mode.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: ``network_def`` does not match the recorded architecture, or no ``network_def`` and no module.
+        ValueError: no ``network_def``, a ``network_def`` that does not match the recorded architecture, or a
+            file a safe load refuses.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no pruned checkpoint at {str(path)!r}")
     if network_def is None:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
-        if "module" not in ckpt:
-            raise ValueError(
-                f"{str(path)!r} was saved without the pickled module (include_module=False) or by a CheckpointSaver; "
-                "pass network_def (a fresh instance of the unpruned network) to rebuild it"
-            )
-        model = _materialize(torch.load(io.BytesIO(ckpt["module"]), map_location="cpu", weights_only=False))
-        model.load_state_dict(ckpt["state_dict"], strict=strict)
-        return model.to(map_location).eval()
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as e:  # noqa: BLE001 - explain the usual cause
-        if weights_only:
-            raise ValueError(
-                f"{str(path)!r} holds objects torch.load(weights_only=True) refuses ({e}); if you trust the file, "
-                "pass weights_only=False"
-            ) from e
-        raise
+        raise ValueError(
+            f"load_pruned({str(path)!r}): pass network_def, a fresh instance of the unpruned network: the pruned "
+            "structure is stored as data and replayed on it (a pickled module is never loaded, it could run code)"
+        )
+    ckpt = safe_load(path, map_location)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a pruned checkpoint")
     state_dict, structure, _ = _find_structure(ckpt, network_key)
     apply_pruned_structure(network_def, structure)
     network_def.load_state_dict(state_dict, strict=strict)
