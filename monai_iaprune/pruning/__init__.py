@@ -14,6 +14,7 @@ from monai_iaprune.pruning.prune import (
     prune,
     resolve_normalizer,
 )
+from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.pruning.speed import (
     OneDNNConv,
     OneDNNPool,
@@ -38,6 +39,7 @@ __all__ = [
     "output_layers",
     "parameter_snapshot",
     "prune",
+    "quiet_op_counter",
     "recalibrate_batchnorm",
     "remap_optimizer",
     "resolve_normalizer",
