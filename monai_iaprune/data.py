@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +169,18 @@ def load_medmnist(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MedMNIST file not found: {path}")
-    with np.load(path) as npz:
-        ik, lk = f"{split}_images", f"{split}_labels"
-        if ik not in npz or lk not in npz:
-            raise KeyError(
-                f"{path} is not a MedMNIST .npz: keys {ik!r} / {lk!r} missing (has {sorted(npz.keys())})"
-            )
-        images, labels = npz[ik], npz[lk]
+    ik, lk = f"{split}_images", f"{split}_labels"
+    try:
+        with np.load(path) as npz:
+            keys = sorted(npz.keys())
+            if ik in npz and lk in npz:
+                images, labels = npz[ik], npz[lk]
+    except Exception as e:  # BadZipFile, zlib / struct errors of a truncated download, pickle refusal, ...
+        raise ValueError(
+            f"cannot read MedMNIST file {path} ({type(e).__name__}: {e}); the file is corrupt or not an .npz"
+        ) from e
+    if ik not in keys or lk not in keys:
+        raise KeyError(f"{path} is not a MedMNIST .npz: keys {ik!r} / {lk!r} missing (has {keys})")
     if labels.ndim == 2 and labels.shape[1] != 1:
         raise ValueError(
             f"{path.name} has multi-label targets (shape {labels.shape}); only single-label sets are supported"
@@ -209,8 +214,11 @@ def _images_in(folder: Path) -> list[Path]:
 def _read_image(path: Path, channels: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    except Exception as e:  # PIL's UnidentifiedImageError / "image file is truncated" OSError name no file
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from e
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
@@ -269,7 +277,7 @@ def load_image_folder(
 
 
 def load_datalist(
-    path: str | os.PathLike, split: str = "train", val_fraction: float = 0.2
+    path: str | os.PathLike, split: str = "train", val_fraction: float = 0.2, *, label_is_path: bool = True
 ) -> list[dict[str, Any]]:
     """Read a Decathlon-style datalist JSON of NIfTI files and check every file exists.
 
@@ -281,9 +289,11 @@ def load_datalist(
         path: the JSON file, or a folder holding ``dataset.json``.
         split: ``"train"``, ``"val"`` or ``"test"`` (falls back to ``"val"`` when the file has no test list).
         val_fraction: held-out fraction when there is no ``"validation"`` list.
+        label_is_path: ``True`` for segmentation (labels are mask files, resolved and checked like images);
+            ``False`` for classification (labels are class indices, kept as they are).
 
     Returns:
-        ``[{"image": absolute path, "label": absolute path}, ...]``.
+        ``[{"image": absolute path, "label": absolute path or class index}, ...]``.
 
     Raises:
         FileNotFoundError: the JSON, or any file it names, is missing (all missing files are listed).
@@ -305,22 +315,132 @@ def load_datalist(
         key = "validation"
     if key in content and (split != "train" or "validation" in content):
         items = load_decathlon_datalist(
-            str(path), is_segmentation=True, data_list_key=key, base_dir=str(path.parent)
+            str(path), is_segmentation=label_is_path, data_list_key=key, base_dir=str(path.parent)
         )
     else:  # no validation list: hold out the last val_fraction of "training"
         items = load_decathlon_datalist(
-            str(path), is_segmentation=True, data_list_key="training", base_dir=str(path.parent)
+            str(path), is_segmentation=label_is_path, data_list_key="training", base_dir=str(path.parent)
         )
         n_val = max(1, int(round(val_fraction * len(items)))) if len(items) > 1 else 0
         items = items[len(items) - n_val :] if split != "train" else items[: len(items) - n_val]
     if not items:
         raise ValueError(f"datalist {path} yields no item for split {split!r}")
+    file_keys = ("image", "label") if label_is_path else ("image",)
     missing = sorted(
-        {str(v) for it in items for k, v in it.items() if k in ("image", "label") and not Path(v).exists()}
+        {str(v) for it in items for k, v in it.items() if k in file_keys and not Path(v).exists()}
     )
     if missing:
         raise FileNotFoundError(f"datalist {path} names {len(missing)} missing file(s): {missing[:5]}")
     return items
+
+
+def _class_index(value: Any, where: str) -> int:
+    """``value`` as a class index (an int >= 0, or a float / one-element list holding one), else ValueError."""
+    v = value
+    if isinstance(v, (list, tuple, np.ndarray)) and np.size(v) == 1:
+        v = np.asarray(v).reshape(-1)[0]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{where}: label {value!r} is not a class index (an integer 0, 1, ...)")
+    if float(v) != int(v) or int(v) < 0:
+        raise ValueError(f"{where}: label {value!r} is not a class index (an integer 0, 1, ...)")
+    return int(v)
+
+
+def _read_volume(path: str | os.PathLike, spatial_dims: int) -> np.ndarray:
+    """One image file (NIfTI, or any format MONAI's ``LoadImage`` reads) as float32 ``[C, *spatial]`` in [0, 1]."""
+    from monai.transforms import LoadImage
+
+    try:
+        img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from e
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim - 1 != spatial_dims:
+        raise ValueError(
+            f"{path} holds {arr.ndim - 1}D images (shape {arr.shape}) but this bundle is {spatial_dims}D"
+        )
+    lo, hi = float(arr.min()), float(arr.max())  # per-image min-max, like the synthetic default
+    return (arr - lo) / max(hi - lo, 1e-8)
+
+
+def load_classification_datalist(
+    path: str | os.PathLike, split: str = "train", spatial_dims: int = 3, val_fraction: float = 0.2
+) -> list[dict[str, Any]]:
+    """Read a Decathlon-style datalist JSON of ``{"image": file, "label": class index}`` items and load the images.
+
+    Splits as ``load_datalist``. Images are read with MONAI's ``LoadImage`` (NIfTI and the other formats it
+    knows), channel first, and scaled per image to [0, 1], so the items match the other classification readers.
+
+    Args:
+        path: the JSON file, or a folder holding ``dataset.json``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        spatial_dims: expected dimensionality of the images (2 or 3); a mismatch raises.
+        val_fraction: held-out fraction when there is no ``"validation"`` list.
+
+    Returns:
+        ``[{"image": float32 [C, *spatial] in [0, 1], "label": int, "id": file path}, ...]``.
+
+    Raises:
+        FileNotFoundError: the JSON or an image it names is missing.
+        ValueError: a label is not a class index, or an image cannot be read or has the wrong dimensionality
+            (the message names the file).
+    """
+    items = load_datalist(path, split, val_fraction, label_is_path=False)
+    out = []
+    for it in items:
+        if "label" not in it:
+            raise ValueError(f"datalist {path}: item {it.get('image')!r} has no 'label' (a class index)")
+        label = _class_index(it["label"], f"datalist {path}, item {it['image']}")
+        out.append({"image": _read_volume(it["image"], spatial_dims), "label": label, "id": str(it["image"])})
+    return out
+
+
+def infer_num_classes(data: Sequence[Mapping[str, Any]] | str | os.PathLike) -> int:
+    """The number of classes of a classification dataset.
+
+    Args:
+        data: a classification datalist (``max(label) + 1``; a split may lack the last classes, so prefer the
+            training split) or a folder of class sub-folders (their number, as ``load_image_folder`` indexes
+            them; with a ``train/`` folder, its sub-folders).
+
+    Returns:
+        The class count.
+
+    Raises:
+        ValueError: an empty datalist, a label that is not a class index, or a folder with no class sub-folder.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        root = Path(data)
+        if not root.is_dir():
+            raise ValueError(f"infer_num_classes: {root} is not a folder of class sub-folders")
+        classes = _class_dirs(root / "train" if (root / "train").is_dir() else root)
+        if not classes:
+            raise ValueError(f"infer_num_classes: {root} holds no class sub-folder")
+        return len(classes)
+    if not len(data):
+        raise ValueError("infer_num_classes: the datalist has no item")
+    return 1 + max(_class_index(it["label"], f"item {it.get('id', i)}") for i, it in enumerate(data))
+
+
+def check_num_classes(
+    items: Sequence[Mapping[str, Any]], num_classes: int, source: Any, exact: int | None = None
+) -> None:
+    """Raise a ValueError naming ``--num_classes`` when the data hold more classes than ``num_classes``.
+
+    Args:
+        items: the classification datalist.
+        num_classes: the network's output count (the bundle's ``num_classes`` setting).
+        source: what the items came from, for the message (``dataset_dir``).
+        exact: the dataset's known class count (class folders); then any difference raises.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    found = max(infer_num_classes(items), exact or 0)
+    if found > num_classes or (exact is not None and exact != num_classes):
+        raise ValueError(
+            f"dataset_dir {source} holds {found} classes (labels 0..{found - 1}) but num_classes {num_classes} "
+            f"is set; pass --num_classes {found}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -342,6 +462,7 @@ def classification_datalist(
     seed: int = 0,
     channels: int = 1,
     max_samples: int | None = None,
+    num_classes: int | None = None,
 ) -> list[dict[str, Any]]:
     """The classification datalist a bundle trains / evaluates on.
 
@@ -355,29 +476,40 @@ def classification_datalist(
         seed: synthetic / split seed.
         channels: image channels of a class folder (1 grey, 3 RGB).
         max_samples: keep at most this many items (the first ones), for quick runs on real data.
+        num_classes: the network's class count; a dataset with more classes (or a class folder with a
+            different number of class sub-folders) raises before any training, naming ``--num_classes``.
+            ``None`` checks nothing (``infer_num_classes`` on the training datalist gives the count).
 
     Returns:
         A list of ``{"image", "label"}`` dicts.
+
+    Raises:
+        ValueError: the data do not match ``num_classes`` or ``spatial_dims``, or a file cannot be read.
     """
     if dataset_dir in (None, "", "None", "null"):
         n = num_samples if split == "train" else max(2, num_samples // 2)
         items = synthetic_classification(n, spatial_dims, size, split, seed)
+        exact, source = None, "'' (synthetic, 2 classes)"
     else:
         path = _existing(dataset_dir)
+        exact, source = None, path
         if path.is_file() and path.suffix == ".npz":
             items = load_medmnist(path, split, spatial_dims)
         elif path.is_file() and path.suffix == ".json":
-            items = load_datalist(path, split)
+            items = load_classification_datalist(path, split, spatial_dims)
         elif path.is_dir():
             if spatial_dims != 2:
                 raise ValueError(
                     f"a folder of class sub-folders of images is a 2D dataset; this bundle is {spatial_dims}D"
                 )
             items = load_image_folder(path, split, channels=channels, seed=seed)
+            exact = infer_num_classes(path)
         else:
             raise ValueError(
                 f"unsupported dataset_dir {path}: give a MedMNIST .npz, a class-folder directory or a datalist .json"
             )
+    if num_classes is not None:
+        check_num_classes(items, num_classes, source, exact)
     return items[:max_samples] if max_samples else items
 
 
@@ -424,7 +556,10 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 __all__ = [
     "check_choice",
+    "check_num_classes",
     "classification_datalist",
+    "infer_num_classes",
+    "load_classification_datalist",
     "load_datalist",
     "load_image_folder",
     "load_medmnist",

@@ -1,8 +1,9 @@
 """Structured pruning from relevance: torch-pruning Importance, prune(), MONAI fixes, BN re-calibration,
-optimizer remap, pruned checkpoints and inference clean-up."""
+optimizer remap, pruned checkpoints, deployment exports and inference clean-up."""
 
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
+from monai_iaprune.pruning.export import export_onnx, export_torch_export
 from monai_iaprune.pruning.importance import RelevanceImportance
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import (
@@ -13,6 +14,7 @@ from monai_iaprune.pruning.prune import (
     prune,
     resolve_normalizer,
 )
+from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.pruning.speed import (
     OneDNNConv,
     OneDNNPool,
@@ -28,6 +30,8 @@ __all__ = [
     "RelevanceImportance",
     "count_macs",
     "count_params",
+    "export_onnx",
+    "export_torch_export",
     "export_torchscript",
     "fold_batchnorm",
     "load_pruned",
@@ -35,6 +39,7 @@ __all__ = [
     "output_layers",
     "parameter_snapshot",
     "prune",
+    "quiet_op_counter",
     "recalibrate_batchnorm",
     "remap_optimizer",
     "resolve_normalizer",

@@ -38,7 +38,9 @@ def recalibrate_batchnorm(
         The number of samples seen.
 
     Raises:
-        ValueError: ``data`` yielded no batch.
+        ValueError: ``data`` yielded no batch, or a batch holds NaN / Inf (one such value would turn every
+            running mean, and so every later output, into NaN). On any error the BatchNorm statistics are
+            restored to what they were before the call.
     """
     bns = [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
@@ -49,6 +51,7 @@ def recalibrate_batchnorm(
         device = next(model.parameters()).device
     was_training = model.training
     momenta = [m.momentum for m in bns]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all calibration batches
@@ -59,12 +62,24 @@ def recalibrate_batchnorm(
             if max_batches is not None and i >= max_batches:
                 break
             inputs, _ = split_batch(batch, image_key, label_key)
-            model(torch.as_tensor(inputs).to(device).float())
+            inputs = torch.as_tensor(inputs).to(device).float()
+            if not torch.isfinite(inputs).all():
+                n_bad = int((~torch.isfinite(inputs)).sum())
+                raise ValueError(
+                    f"calibration batch {i} holds {n_bad} non-finite value(s) (NaN / Inf); clean or drop it "
+                    "before re-estimating BatchNorm statistics (statistics left as they were)"
+                )
+            model(inputs)
             seen += inputs.shape[0]
+        if seen == 0:
+            raise ValueError("empty data: no calibration batch to re-estimate BatchNorm statistics")
+    except BaseException:
+        for m, state in zip(bns, saved):
+            for k, v in state.items():
+                getattr(m, k).copy_(v)
+        raise
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         model.train(was_training)
-    if seen == 0:
-        raise ValueError("empty data: no calibration batch to re-estimate BatchNorm statistics")
     return seen
