@@ -14,6 +14,7 @@ from torch import nn
 
 from monai_iaprune.pruning.importance import RelevanceImportance
 from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
+from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 
 TARGETS = ("params", "macs", "channels")
@@ -73,7 +74,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
-    with torch.no_grad():
+    with torch.no_grad(), quiet_op_counter():
         macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
     return float(macs)
 
