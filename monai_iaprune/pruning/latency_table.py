@@ -265,7 +265,13 @@ def measure_latency_table(
     entries = cache.setdefault(key, {})
     shapes: dict[str, torch.Size] = {}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: shapes.setdefault(n, a[0].shape)) for n, m in layers.items()]
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, args[0].shape)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
     was_training = model.training
     try:
         model.eval()(example_inputs.to(next(model.parameters()).device))
