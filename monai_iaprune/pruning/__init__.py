@@ -3,8 +3,11 @@ optimizer remap, pruned checkpoints, deployment exports and inference clean-up."
 
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
+from monai_iaprune.pruning.cost import ChannelCost, channel_costs
 from monai_iaprune.pruning.export import export_onnx, export_torch_export
-from monai_iaprune.pruning.importance import RelevanceImportance
+from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
+from monai_iaprune.pruning.iterative import prune_iteratively, prune_step
+from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import (
     PruneResult,
@@ -24,6 +27,14 @@ from monai_iaprune.pruning.speed import (
 )
 
 __all__ = [
+    "ChannelCost",
+    "CostAwareImportance",
+    "LatencyTable",
+    "channel_costs",
+    "measure_latency",
+    "measure_latency_table",
+    "prune_iteratively",
+    "prune_step",
     "OneDNNConv",
     "OneDNNPool",
     "PruneResult",

@@ -109,3 +109,31 @@ class RelevanceImportance(tp.importance.Importance):
             0.0 if self.normalizer is None else float(torch.stack([s.mean() for s in scores]).mean())
         )
         return out
+
+
+class CostAwareImportance(tp.importance.Importance):
+    """Importance per unit cost: ``base(group)`` divided by what removing one channel of the group saves.
+
+    Ranked globally, channels with the least relevance per unit of cost (MACs, parameters or seconds) go
+    first: the greedy order of a knapsack that keeps the most relevance under a cost budget.
+
+    Args:
+        base: the importance giving per-channel value (e.g. ``RelevanceImportance`` with raw scores).
+        cost: ``{module: per-channel cost}`` for every conv / linear layer whose output channels a group
+            removes (``ChannelCost.out_layers``); groups with no costed member are left alone.
+    """
+
+    def __init__(self, base: tp.importance.Importance, cost: Mapping[nn.Module, float]):
+        self.base = base
+        self.cost = dict(cost)
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        scores = self.base(group)
+        if scores is None:
+            return None
+        for dep, _ in group:
+            c = self.cost.get(dep.target.module)
+            if c is not None and dep.pruning_fn in _OUT_FNS:
+                return scores / max(float(c), 1e-12)
+        return None

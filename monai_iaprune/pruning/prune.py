@@ -12,12 +12,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from monai_iaprune.pruning.importance import RelevanceImportance
+from monai_iaprune.pruning.cost import channel_costs
+from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
+from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
 from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 
-TARGETS = ("params", "macs", "channels")
+TARGETS = ("params", "macs", "channels", "latency")
 
 
 @dataclass
@@ -43,6 +45,17 @@ class PruneResult:
     channels: dict[str, tuple[int, int]]
     channel_ratio: float
     history: list[tuple[str, str, list[int]]] = field(default_factory=list)
+    cost_aware: bool = False
+    latency_before: float | None = None
+    latency_after: float | None = None
+    latency_estimated_speedup: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Measured speed-up (``target="latency"`` only)."""
+        if self.latency_before is None or not self.latency_after:
+            return None
+        return self.latency_before / self.latency_after
 
     @property
     def params_removed(self) -> float:
@@ -63,6 +76,11 @@ class PruneResult:
             "macs_after": self.macs_after,
             "macs_removed": self.macs_removed,
             "channel_ratio": self.channel_ratio,
+            "cost_aware": self.cost_aware,
+            "latency_before": self.latency_before,
+            "latency_after": self.latency_after,
+            "speedup": self.speedup,
+            "latency_estimated_speedup": self.latency_estimated_speedup,
             "per_layer": [
                 {"name": n, "channels_before": b, "channels_after": a} for n, (b, a) in self.channels.items()
             ],
@@ -134,6 +152,7 @@ def _apply(
     normalizer: str | None,
     group_reduction: str,
     extra_kwargs: dict[str, Any],
+    unit_cost: Mapping[str, float] | None = None,
 ) -> list[tuple[str, str, list[int]]]:
     """Prune ``model`` in place at one torch-pruning channel ratio; return the history."""
     modules = dict(model.named_modules())
@@ -149,6 +168,8 @@ def _apply(
             )
         scores[m] = r
     imp = RelevanceImportance(scores, normalizer=normalizer, group_reduction=group_reduction)
+    if unit_cost is not None:
+        imp = CostAwareImportance(imp, {modules[n]: c for n, c in unit_cost.items() if n in modules})
     history: list[tuple[str, str, list[int]]] = []
     with monai_pruning_fixes(model):
         pruner = tp.pruner.MetaPruner(
@@ -257,6 +278,11 @@ def prune(
     group_reduction: str = "mean",
     tolerance: float = 0.01,
     pruner_kwargs: dict[str, Any] | None = None,
+    cost_aware: bool | None = None,
+    speedup: float | None = None,
+    latency_table: LatencyTable | None = None,
+    device: torch.device | str | None = None,
+    threads: int | None = None,
 ) -> PruneResult:
     """Remove the least relevant channels of ``model`` in place.
 
@@ -265,9 +291,10 @@ def prune(
         relevance: ``{layer name: 1-D per-output-channel scores}``, e.g. from ``channel_relevance``.
             Layers with no entry keep a neutral score inside their dependency group, and are left alone
             when no member of their group is scored.
-        ratio: fraction of ``target`` to remove, strictly between 0 and 1.
-        target: ``"params"`` (fraction of parameters, default), ``"macs"`` or ``"channels"`` (torch-pruning's
-            own channel ratio).
+        ratio: fraction of ``target`` to remove, strictly between 0 and 1 (ignored for ``"latency"``).
+        target: ``"params"`` (fraction of parameters, default), ``"macs"``, ``"channels"`` (torch-pruning's
+            own channel ratio) or ``"latency"`` (a ``speedup`` estimated from a measured ``LatencyTable``,
+            then checked by timing the pruned network: ``PruneResult.speedup``).
         example_inputs: one input batch to trace the network; default ``relevance.example_input``.
         global_pruning: rank channels across layers (default) or prune every layer by the same ratio.
         ignored_layers: modules (or their names) never pruned; the layers producing the network output
@@ -289,14 +316,43 @@ def prune(
         group_reduction: see ``RelevanceImportance``.
         tolerance: accepted gap between the reached and requested fraction for params / MACs targets.
         pruner_kwargs: extra ``MetaPruner`` arguments (e.g. ``num_heads``); MONAI-specific ones are added.
+        cost_aware: rank channels by relevance per unit of what removing them saves (``channel_costs``:
+            parameters, MACs; or seconds from the latency table), the greedy order of a knapsack keeping
+            the most relevance under the budget, and never stop short of the budget (the removed fraction
+            is at least ``ratio`` and at most about ``tolerance / 4`` above it, see
+            ``_search_channel_ratio``). Default ``None``: on for ``"macs"`` and ``"latency"`` (where a
+            raw global ranking strips cheap wide late layers and keeps most MACs), off for ``"params"`` and
+            ``"channels"`` (unchanged behaviour). With it, ``normalizer="auto"`` keeps raw scores for the
+            shared-scale methods, as for ``"params"``: the knapsack needs values in one unit across layers.
+        speedup: ``target="latency"`` only: the requested estimated speed-up, > 1.
+        latency_table: ``target="latency"``: a ``measure_latency_table`` result for ``model`` at
+            ``example_inputs``; default: measured (or read from the cache) on ``device`` / ``threads``.
+        device, threads: where latency is measured (default the model's device; CPU threads as set).
+
+    Why a greedy ratio order rather than HALP's group knapsack: the global ranking *is* torch-pruning's
+    (MetaPruner with an ``Importance``), so ``round_to``, ``max_layer_ratio`` and channel groups keep
+    working through ``_limit_group``; per-channel costs are constant within a group (``channel_costs``
+    is linear in removed channels), where the greedy order is optimal for the fractional knapsack and
+    off by at most one channel's value for the 0/1 one.
 
     Returns:
         ``PruneResult`` with counts before and after, channels per layer and the pruning history.
     """
-    _validate_ratio(ratio)
-    normalizer = resolve_normalizer(normalizer, relevance, target)
+    latency_device = device
     if target not in TARGETS:
         raise ValueError(f"unknown pruning target {target!r}; use one of {TARGETS}")
+    if target == "latency":
+        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not float(speedup) > 1.0:
+            raise ValueError(f"target='latency' needs a speedup > 1, got {speedup!r}")
+        ratio = 1.0 - 1.0 / float(speedup)
+    elif speedup is not None:
+        raise ValueError("speedup applies to target='latency' only")
+    _validate_ratio(ratio)
+    if cost_aware is None:
+        cost_aware = target in ("macs", "latency")
+    if cost_aware and target == "channels":
+        raise ValueError("cost_aware needs a params, macs or latency budget, not target='channels'")
+    normalizer = resolve_normalizer(normalizer, relevance, "params" if cost_aware else target)
     if not 0.0 < max_layer_ratio < 1.0:
         raise ValueError(f"max_layer_ratio must lie strictly between 0 and 1, got {max_layer_ratio}")
     if example_inputs is None:
@@ -325,6 +381,23 @@ def prune(
     channels_before = _layer_channels(model)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs)
+    unit_cost = None
+    latency_before = None
+    if target == "latency":
+        if latency_device is None:
+            latency_device = example_inputs.device
+        if latency_table is None:
+            latency_table = measure_latency_table(model, example_inputs, device=latency_device, threads=threads)
+        latency_estimate_before = latency_table.estimate_model(model)
+        latency_before = measure_latency(copy.deepcopy(model), example_inputs, device=latency_device, threads=threads)
+    if cost_aware:
+        costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
+        unit_cost = {}
+        for c in costs.values():
+            value = {"params": c.params, "macs": c.macs}.get(target)
+            if value is None:
+                value = latency_table.channel_cost(c)
+            unit_cost.update(dict.fromkeys(c.out_layers, value))
     args = (
         example_inputs,
         None,
@@ -334,6 +407,7 @@ def prune(
         normalizer,
         group_reduction,
         extra,
+        unit_cost,
     )
 
     def trial(p: float) -> tuple[nn.Module, float, list]:
@@ -343,6 +417,8 @@ def prune(
         hist = _apply(m, relevance, p, args[0], ign, *args[2:])
         if target == "params":
             reached = 1.0 - count_params(m) / params_before
+        elif target == "latency":
+            reached = 1.0 - latency_table.estimate_model(m) / latency_estimate_before
         else:
             reached = 1.0 - count_macs(m, example_inputs) / macs_before
         return m, reached, hist
@@ -350,10 +426,19 @@ def prune(
     if target == "channels":
         channel_ratio = float(ratio)
     else:
-        channel_ratio = _search_channel_ratio(
-            lambda p: trial(p)[1], float(ratio), target, max_layer_ratio, tolerance
-        )
+        try:
+            channel_ratio = _search_channel_ratio(
+                lambda p: trial(p)[1], float(ratio), target, max_layer_ratio, tolerance, at_least=cost_aware
+            )
+        except ValueError as e:
+            if target == "latency":
+                raise ValueError(f"speedup {speedup} is not reachable (estimated from the latency table): {e}") from None
+            raise
     history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *args[2:])
+    latency_after = estimated_speedup = None
+    if target == "latency":
+        estimated_speedup = latency_estimate_before / latency_table.estimate_model(model)
+        latency_after = measure_latency(copy.deepcopy(model), example_inputs, device=latency_device, threads=threads)
     model.train(was_training)
     channels_after = _layer_channels(model)
     emptied = [n for n, c in channels_after.items() if c == 0]
@@ -369,17 +454,22 @@ def prune(
         channels={n: (channels_before[n], channels_after.get(n, 0)) for n in channels_before},
         channel_ratio=channel_ratio,
         history=history,
+        cost_aware=bool(cost_aware),
+        latency_before=latency_before,
+        latency_after=latency_after,
+        latency_estimated_speedup=estimated_speedup,
     )
 
 
 def _search_channel_ratio(
-    reached_at, ratio: float, target: str, max_layer_ratio: float, tolerance: float
+    reached_at, ratio: float, target: str, max_layer_ratio: float, tolerance: float, at_least: bool = False
 ) -> float:
     """Find the torch-pruning channel ratio that removes ``ratio`` of ``target``.
 
     Regula falsi (Illinois variant) on ``-log(1 - removed)`` against ``-log(1 - channel ratio)``, which is
     close to linear (params and MACs fall about quadratically with the kept width), so a few trials reach
     ``tolerance / 4``; if the removed fraction jumps over the request, the smallest ratio above it is used.
+    With ``at_least`` (a budget) only ratios removing at least ``ratio`` are returned.
 
     Raises:
         ValueError: even ``max_layer_ratio`` removes less than ``ratio - tolerance``.
@@ -398,7 +488,7 @@ def _search_channel_ratio(
     for _ in range(16):
         p = -math.expm1(-u)
         reached = reached_at(p)
-        if abs(reached - ratio) <= tolerance / 4:
+        if abs(reached - ratio) <= tolerance / 4 and (reached >= ratio or not at_least):
             return p
         f = u_of(min(reached, 1.0 - 1e-9)) - goal
         if f < 0:
@@ -413,7 +503,7 @@ def _search_channel_ratio(
             side = 1
         if hi_u is None:
             if u >= u_max:
-                if reached < ratio - tolerance:
+                if reached < ratio - (0.0 if at_least else tolerance):
                     raise ValueError(
                         f"ratio {ratio} of {target} cannot be reached: removing up to max_layer_ratio={max_layer_ratio} "
                         f"of every layer's channels removes only {reached:.3f} (ignored and output layers are kept); "
