@@ -43,7 +43,7 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
 from monai_iaprune.relevance.collect import plain_tensor, split_batch
-from monai_iaprune.relevance.hooks import no_param_grad
+from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.targets import TargetSpec, target_selection
 
 try:
@@ -543,11 +543,13 @@ def lrp_block_terms(
     composite: str = "epsilon",
     epsilon: float = 1e-6,
     canonizers: Any = "auto",
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """One LRP pass: per block, per join in forward order, per-sample ``(branch, skip, out)`` relevance ``[B]``.
+) -> dict[str, dict[str, Any]]:
+    """One LRP pass, per block: ``{"joins": [(branch, skip, out)], "output": relevance at the block's output}``.
 
-    ``branch + skip == out`` at every join up to the epsilon stabiliser (conservation); a block's relevance in
-    ``block_relevance(method="lrp")`` is the sum of its ``branch`` terms (two joins for transformer blocks).
+    Each term is per-sample ``[B]`` relevance, joins in forward order. ``branch + skip == out`` at every join up
+    to the epsilon stabiliser (conservation), and for a block with one join followed only by an element-wise
+    activation, ``out == output``. ``block_relevance(method="lrp")`` scores a block by the sum of its ``branch``
+    terms (two joins for transformer blocks).
     """
     found = removable_blocks(model)
     chosen = found if blocks is None else {n: found[n] for n in blocks}
@@ -557,8 +559,11 @@ def lrp_block_terms(
     try:
         x = inputs.detach().clone().float().requires_grad_(True)
         with _method_context(model, x, "lrp", chosen, terms, epsilon, composite, canonizers):
-            _lrp_batch(model, x, select, chosen, terms)
-        return {n: list(v) for n, v in terms.joins.items()}
+            with OutputRecorder({n: b.module for n, b in chosen.items()}) as rec:
+                _lrp_batch(model, x, select, chosen, terms)
+                grads = {n: _per_sample(g.detach()) for n, g in rec.grads.items()}
+                rec.clear()
+        return {n: {"joins": list(v), "output": grads.get(n)} for n, v in terms.joins.items()}
     finally:
         model.train(was_training)
 
