@@ -100,9 +100,12 @@ class DepthPruneResult:
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` wherever the module ``name`` is referenced (DynUNet also holds its blocks in ``skip_layers``)."""
+    old = model.get_submodule(name)
+    for m in list(model.modules()):
+        for key, value in m._modules.items():
+            if value is old:
+                m._modules[key] = new
 
 
 def _leaves_after(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
@@ -213,7 +216,15 @@ def _output_shape(model: nn.Module, x: torch.Tensor) -> Any:
             out = model(x)
     finally:
         model.train(was)
-    return [tuple(o.shape) for o in out] if isinstance(out, (tuple, list)) else tuple(out.shape)
+    return _shapes(out)
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return [_shapes(o) for o in out]
+    return None
 
 
 def _shape_keeping(model: nn.Module, blocks: dict[str, Block], x: torch.Tensor) -> set[str]:
