@@ -161,7 +161,7 @@ def test_oracle_zero_branch(family, builder, sd, cin, size, min_blocks):
         rel = block_relevance(net, [x], method, target=_pred, n_steps=3) if method == "ig" else \
             block_relevance(net, [x], method, target=_pred)
         assert rel[name] == 0.0, (method, rel)
-        assert any(v > 0 for v in rel.values()), (method, rel)
+        assert len(rel) == 1 or any(v > 0 for v in rel.values()), (method, rel)
     before = _first(net(x))
     prune_depth(net, rel, blocks=[name], example_inputs=x[:1], min_blocks_per_stage=min_blocks)
     assert torch.allclose(_first(net(x)), before, atol=1e-5, rtol=1e-4)
@@ -180,10 +180,11 @@ def test_lrp_conservation_at_joins(family, builder, sd, cin, size, min_blocks):
     terms = lrp_block_terms(net, x, _pred)
     assert set(terms) == set(removable_blocks(net))
     for name, t in terms.items():
-        for branch, skip, out in t["joins"]:
-            torch.testing.assert_close(branch + skip, out, rtol=1e-4, atol=1e-6 * (out.abs().max().item() + 1e-12))
-        out_last = t["joins"][-1][2]
-        torch.testing.assert_close(t["output"], out_last, rtol=1e-4, atol=1e-6 * (out_last.abs().max().item() + 1e-12))
+        # tolerance scaled by the absolute relevance mass: terms of both signs cancel (by ~1e6 on untrained Swin)
+        for (branch, skip, out), mass in zip(t["joins"], t["mass"]):
+            assert ((branch + skip - out).abs() <= 1e-4 * out.abs() + 1e-6 * mass).all(), (name, branch + skip, out)
+        out_last, mass = t["joins"][-1][2], t["mass"][-1]
+        assert ((t["output"] - out_last).abs() <= 1e-4 * out_last.abs() + 1e-6 * mass).all(), (name, t["output"])
         assert out_last.abs().sum() > 0
     rel = block_relevance(net, [x], "lrp", target=_pred)
     for name, t in terms.items():  # block relevance is |branch| per sample, averaged
@@ -197,7 +198,7 @@ def test_no_removable_block():
         block_relevance(net, [torch.rand(1, 1, 16, 16)], "taylor")
     with pytest.raises(ValueError, match="no removable block"):
         prune_depth(net, {}, 0.1)
-    dyn = DynUNet(2, 1, 2, kernel_size=[3, 3], strides=[1, 2], upsample_kernel_size=[2], filters=[4, 8],
+    dyn = DynUNet(2, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 8],
                   res_block=True)
     with pytest.raises(ValueError, match="no removable block.*stride or channel change"):
         prune_depth(dyn, {}, 0.1)
@@ -237,7 +238,7 @@ def test_with_width_pruning(builder, order):
         prune(net, channel_relevance(net, data, "taylor", progress=False), 0.3, example_inputs=x[:1])
 
     def depth():
-        prune_depth(net, block_relevance(net, data, "lrp"), 0.1, example_inputs=x[:1])
+        prune_depth(net, block_relevance(net, data, "lrp"), 0.05, example_inputs=x[:1])
 
     steps = [width, depth] if order == "width_then_depth" else [depth, width]
     for step in steps:
@@ -252,7 +253,7 @@ def test_with_width_pruning(builder, order):
 def test_checkpoint_replay(tmp_path, builder):
     net, x = _setup(builder, 2, 1, 16)
     rel = block_relevance(net, [x], "taylor", target=_pred)
-    prune_depth(net, rel, 0.1, example_inputs=x[:1])
+    prune_depth(net, rel, 0.05, example_inputs=x[:1])
     path = save_pruned(net, tmp_path / "depth.pt")
     ckpt = safe_load(path)
     fresh = builder(2).eval()

@@ -235,7 +235,7 @@ def removable_blocks(model: nn.Module) -> dict[str, Block]:
 
 
 def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).sum(1)
+    return t.reshape(t.shape[0], -1).double().sum(1)  # float64: relevance terms of both signs cancel
 
 
 def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -311,6 +311,7 @@ class _Terms:
         self.branch: dict[str, torch.Tensor] = {}
         self.skip: dict[str, torch.Tensor] = {}
         self.joins: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.mass: dict[str, list[torch.Tensor]] = {}
         self.taylor: dict[str, torch.Tensor] = {}
         self.raw: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.keep_raw = False
@@ -325,6 +326,7 @@ class _Terms:
         self.joins.setdefault(name, []).insert(  # backward meets the joins last-first: keep forward order
             0, (_per_sample(g_branch), _per_sample(g_skip), _per_sample(g_out))
         )
+        self.mass.setdefault(name, []).insert(0, _per_sample(g_out.abs()))
         if self.keep_raw:
             self.raw.setdefault(name, []).append((branch, g_branch))
 
@@ -544,9 +546,11 @@ def lrp_block_terms(
     epsilon: float = 1e-6,
     canonizers: Any = "auto",
 ) -> dict[str, dict[str, Any]]:
-    """One LRP pass, per block: ``{"joins": [(branch, skip, out)], "output": relevance at the block's output}``.
+    """One LRP pass, per block: ``{"joins": [(branch, skip, out)], "output": relevance at the block's output,
+    "mass": [sum of |relevance| at each join's output]}``.
 
-    Each term is per-sample ``[B]`` relevance, joins in forward order. ``branch + skip == out`` at every join up
+    Each term is per-sample ``[B]`` relevance (summed in float64), joins in forward order. ``mass`` is the scale
+    of the float32 rounding of the sums (relevance of both signs may cancel by orders of magnitude). ``branch + skip == out`` at every join up
     to the epsilon stabiliser (conservation), and for a block with one join followed only by an element-wise
     activation, ``out == output``. ``block_relevance(method="lrp")`` scores a block by the sum of its ``branch``
     terms (two joins for transformer blocks).
@@ -563,7 +567,9 @@ def lrp_block_terms(
                 _lrp_batch(model, x, select, chosen, terms)
                 grads = {n: _per_sample(g.detach()) for n, g in rec.grads.items()}
                 rec.clear()
-        return {n: {"joins": list(v), "output": grads.get(n)} for n, v in terms.joins.items()}
+        return {
+            n: {"joins": list(v), "output": grads.get(n), "mass": terms.mass[n]} for n, v in terms.joins.items()
+        }
     finally:
         model.train(was_training)
 
