@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import MEDMNIST, require_file
-from monai.networks.blocks import Convolution
 from monai.networks.blocks.squeeze_and_excitation import SEResNetBottleneck
-from monai.networks.nets import UNet, ViT, BasicUNet, DenseNet, DynUNet, ResNet, SegResNet, SwinUNETR
+from monai.networks.nets import BasicUNet, DenseNet, DynUNet, ResNet, SegResNet, SwinUNETR, UNet, ViT
 from torch import nn
 
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
@@ -32,7 +31,9 @@ def _resnet(sd):
 
 
 def _bottleneck(sd):
-    return ResNet("bottleneck", [2, 1, 1, 1], [2, 2, 4, 4], spatial_dims=sd, n_input_channels=1, num_classes=3)
+    return ResNet(
+        "bottleneck", [2, 1, 1, 1], [2, 2, 4, 4], spatial_dims=sd, n_input_channels=1, num_classes=3
+    )
 
 
 def _se(sd):
@@ -53,23 +54,49 @@ def _unet(sd):
 
 
 def _segresnet(sd):
-    return SegResNet(sd, init_filters=4, in_channels=1, out_channels=2, blocks_down=(1, 2), blocks_up=(1,),
-                     norm=("group", {"num_groups": 2}))
+    return SegResNet(
+        sd,
+        init_filters=4,
+        in_channels=1,
+        out_channels=2,
+        blocks_down=(1, 2),
+        blocks_up=(1,),
+        norm=("group", {"num_groups": 2}),
+    )
 
 
 def _dynunet(sd):
-    return DynUNet(sd, 4, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
-                   filters=[4, 8, 8], res_block=True)
+    return DynUNet(
+        sd,
+        4,
+        2,
+        kernel_size=[3, 3, 3],
+        strides=[1, 2, 2],
+        upsample_kernel_size=[2, 2],
+        filters=[4, 8, 8],
+        res_block=True,
+    )
 
 
 def _vit(sd):
-    return ViT(1, img_size=16, patch_size=8, hidden_size=16, mlp_dim=16, num_layers=3, num_heads=2,
-               classification=True, num_classes=3, spatial_dims=sd)
+    return ViT(
+        1,
+        img_size=16,
+        patch_size=8,
+        hidden_size=16,
+        mlp_dim=16,
+        num_layers=3,
+        num_heads=2,
+        classification=True,
+        num_classes=3,
+        spatial_dims=sd,
+    )
 
 
 def _swin(sd):
-    return SwinUNETR(1, 2, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1), feature_size=12, spatial_dims=sd,
-                     window_size=4)
+    return SwinUNETR(
+        1, 2, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1), feature_size=12, spatial_dims=sd, window_size=4
+    )
 
 
 def _densenet(sd):
@@ -136,8 +163,13 @@ def test_family_found_and_removal_keeps_shape_and_trains(family, builder, sd, ci
     assert any(b.family.name == family for b in blocks.values())
     shape = _first(net(x)).shape
     rel = block_relevance(net, [x], "magnitude")
-    result = prune_depth(net, rel, blocks=[_block_in_shared_stage(net, min_blocks, family)], example_inputs=x[:1],
-                         min_blocks_per_stage=min_blocks)
+    result = prune_depth(
+        net,
+        rel,
+        blocks=[_block_in_shared_stage(net, min_blocks, family)],
+        example_inputs=x[:1],
+        min_blocks_per_stage=min_blocks,
+    )
     assert result.params_after < result.params_before and result.macs_after < result.macs_before
     removed = result.removed[0]
     assert isinstance(net.get_submodule(removed), RemovedBlock)
@@ -158,8 +190,11 @@ def test_oracle_zero_branch(family, builder, sd, cin, size, min_blocks):
     if family == "swin":
         methods = ["taylor", "magnitude"]  # keep the CPU test short; LRP on Swin is covered by conservation
     for method in methods:
-        rel = block_relevance(net, [x], method, target=_pred, n_steps=3) if method == "ig" else \
-            block_relevance(net, [x], method, target=_pred)
+        rel = (
+            block_relevance(net, [x], method, target=_pred, n_steps=3)
+            if method == "ig"
+            else block_relevance(net, [x], method, target=_pred)
+        )
         assert rel[name] == 0.0, (method, rel)
         assert len(rel) == 1 or any(v > 0 for v in rel.values()), (method, rel)
     before = _first(net(x))
@@ -168,7 +203,9 @@ def test_oracle_zero_branch(family, builder, sd, cin, size, min_blocks):
 
 
 @pytest.mark.parametrize(
-    "family,builder,sd,cin,size,min_blocks", [c for c in CASES if c[2] == 2], ids=[i for i in IDS if "2d" in i]
+    "family,builder,sd,cin,size,min_blocks",
+    [c for c in CASES if c[2] == 2],
+    ids=[i for i in IDS if "2d" in i],
 )
 def test_lrp_conservation_at_joins(family, builder, sd, cin, size, min_blocks):
     """LRP: branch + skip relevance equals the join's relevance, and the last join's equals the block output's."""
@@ -182,9 +219,16 @@ def test_lrp_conservation_at_joins(family, builder, sd, cin, size, min_blocks):
     for name, t in terms.items():
         # tolerance scaled by the absolute relevance mass: terms of both signs cancel (by ~1e6 on untrained Swin)
         for (branch, skip, out), mass in zip(t["joins"], t["mass"]):
-            assert ((branch + skip - out).abs() <= 1e-4 * out.abs() + 1e-6 * mass).all(), (name, branch + skip, out)
+            assert ((branch + skip - out).abs() <= 1e-4 * out.abs() + 1e-6 * mass).all(), (
+                name,
+                branch + skip,
+                out,
+            )
         out_last, mass = t["joins"][-1][2], t["mass"][-1]
-        assert ((t["output"] - out_last).abs() <= 1e-4 * out_last.abs() + 1e-6 * mass).all(), (name, t["output"])
+        assert ((t["output"] - out_last).abs() <= 1e-4 * out_last.abs() + 1e-6 * mass).all(), (
+            name,
+            t["output"],
+        )
         assert out_last.abs().sum() > 0
     rel = block_relevance(net, [x], "lrp", target=_pred)
     for name, t in terms.items():  # block relevance is |branch| per sample, averaged
@@ -198,8 +242,16 @@ def test_no_removable_block():
         block_relevance(net, [torch.rand(1, 1, 16, 16)], "taylor")
     with pytest.raises(ValueError, match="no removable block"):
         prune_depth(net, {}, 0.1)
-    dyn = DynUNet(2, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 8],
-                  res_block=True)
+    dyn = DynUNet(
+        2,
+        1,
+        2,
+        kernel_size=[3, 3, 3],
+        strides=[1, 2, 2],
+        upsample_kernel_size=[2, 2],
+        filters=[4, 8, 8],
+        res_block=True,
+    )
     with pytest.raises(ValueError, match="no removable block.*stride or channel change"):
         prune_depth(dyn, {}, 0.1)
 
@@ -209,7 +261,8 @@ def test_ratio_that_empties_a_stage_is_refused():
     rel = block_relevance(net, [x], "taylor", target=_pred)
     assert set(rel) == {"layer1.0", "layer1.1"}
     share = sum(p.numel() for n in rel for p in net.get_submodule(n).parameters()) / sum(
-        p.numel() for p in net.parameters())
+        p.numel() for p in net.parameters()
+    )
     with pytest.raises(ValueError, match="layer1"):
         prune_depth(net, rel, ratio=0.99 * share, example_inputs=x[:1])
     result = prune_depth(net, rel, ratio=0.99 * share, example_inputs=x[:1], min_blocks_per_stage=0)
@@ -273,7 +326,7 @@ def test_real_data_end_to_end():
     torch.manual_seed(0)
     net = ResNet("basic", [2, 2, 1, 1], [8, 8, 16, 16], spatial_dims=2, n_input_channels=1, num_classes=2)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     for xb, yb in batches * 2:
         opt.zero_grad()
         nn.functional.cross_entropy(net(xb), yb).backward()

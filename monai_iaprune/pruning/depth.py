@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,9 +42,21 @@ __all__ = [
 
 _REMOVED_TYPE = f"{RemovedBlock.__module__}.{RemovedBlock.__qualname__}"
 _PASS_TYPES = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Flatten,
-    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.dropout._DropoutNd,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Flatten,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.dropout._DropoutNd,
 )
 
 
@@ -58,6 +70,7 @@ class DepthPruneResult:
         removed: the removed blocks' names, least relevant first.
         relevance: ``{removed block: its relevance}``.
         stages: ``{stage: (blocks before, blocks after)}`` for every stage with a removable block.
+        method: the block relevance method (``block_relevance.method``) when known.
         params_before, params_after, macs_before, macs_after: counts (MACs on ``example_inputs``; 0 without).
     """
 
@@ -71,7 +84,6 @@ class DepthPruneResult:
     macs_before: float = 0.0
     macs_after: float = 0.0
     method: str | None = None
-    history: list[str] = field(default_factory=list)
 
     @property
     def params_removed(self) -> float:
@@ -168,7 +180,9 @@ def remove_block(model: nn.Module, name: str) -> None:
             if full == name:
                 later = True
             elif later and not isinstance(child, RemovedBlock):
-                leaves = [(f"{full}.{n}", m) for n, m in child.named_modules() if next(m.children(), None) is None]
+                leaves = [
+                    (f"{full}.{n}", m) for n, m in child.named_modules() if next(m.children(), None) is None
+                ]
                 _slice_consumers(leaves, idxs, name)
         _slice_consumers(_leaves_after(model, block.stage), idxs, name)
     _set_module(model, name, RemovedBlock())
@@ -195,7 +209,9 @@ def replay_removed_blocks(model: nn.Module, structure: Mapping[str, Mapping[str,
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
-        raise ValueError(f"removed blocks {missing[:3]} do not exist in {type(model).__name__}: other network_def")
+        raise ValueError(
+            f"removed blocks {missing[:3]} do not exist in {type(model).__name__}: other network_def"
+        )
     for n in sorted(names, key=lambda s: s.count(".")):  # outer blocks first
         if not isinstance(dict(model.named_modules()).get(n), RemovedBlock):
             _set_module(model, n, RemovedBlock())
@@ -255,7 +271,9 @@ def _shape_keeping(model: nn.Module, blocks: dict[str, Block], x: torch.Tensor) 
     return ok
 
 
-def _cost(model: nn.Module, name: str, block: Block, target: str, x: torch.Tensor | None, base: float) -> float:
+def _cost(
+    model: nn.Module, name: str, block: Block, target: str, x: torch.Tensor | None, base: float
+) -> float:
     """How much of ``target`` removing ``name`` alone saves (exact params for residual blocks)."""
     if target == "params" and not block.family.dense:
         return float(count_params(block.module))
@@ -383,10 +401,12 @@ def prune_depth(
     for n in chosen:
         remove_block(model, n)
     if out_shape is not None and _output_shape(model, x) != out_shape:
-        raise RuntimeError(f"depth pruning changed the output shape of {type(model).__name__}: a bug, please report")
+        raise RuntimeError(
+            f"depth pruning changed the output shape of {type(model).__name__}: a bug, please report"
+        )
     after_counts = _stage_counts(model)
-    stages = {s: (k, after_counts.get(s, 0)) for s, k in before_counts.items() if any(
-        b.stage == s for b in removable_blocks(model).values()) or after_counts.get(s, 0) != k}
+    candidate_stages = {b.stage for b in candidates.values()}
+    stages = {s: (k, after_counts.get(s, 0)) for s, k in before_counts.items() if s in candidate_stages}
     return DepthPruneResult(
         ratio=float(ratio) if ratio is not None else float("nan"),
         target=target,
@@ -398,5 +418,4 @@ def prune_depth(
         macs_before=macs_before,
         macs_after=count_macs(model, x) if x is not None else 0.0,
         method=getattr(block_relevance, "method", None),
-        history=list(chosen),
     )

@@ -152,24 +152,39 @@ def _always(_: nn.Module) -> bool:
 
 _FAMILIES: list[BlockFamily] = [
     BlockFamily(
-        "resnet_bottleneck", (ResNetBottleneck,), _resnet_bottleneck, lambda m: m.downsample is None,
+        "resnet_bottleneck",
+        (ResNetBottleneck,),
+        _resnet_bottleneck,
+        lambda m: m.downsample is None,
         why_not="has a downsample (stride or channel change)",
     ),
     BlockFamily(
-        "resnet", (ResNetBlock,), _resnet_block, lambda m: m.downsample is None,
+        "resnet",
+        (ResNetBlock,),
+        _resnet_block,
+        lambda m: m.downsample is None,
         why_not="has a downsample (stride or channel change)",
     ),
     BlockFamily(
-        "se", (SEBlock,), _se_block, lambda m: isinstance(m.project, nn.Identity),
+        "se",
+        (SEBlock,),
+        _se_block,
+        lambda m: isinstance(m.project, nn.Identity),
         why_not="has a projection on its skip (stride or channel change)",
     ),
     BlockFamily(
-        "residual_unit", (ResidualUnit,), _residual_unit, lambda m: isinstance(m.residual, nn.Identity),
+        "residual_unit",
+        (ResidualUnit,),
+        _residual_unit,
+        lambda m: isinstance(m.residual, nn.Identity),
         why_not="its residual is a convolution (stride or channel change)",
     ),
     BlockFamily("segresnet", (ResBlock,), _segresnet_block, _always),
     BlockFamily(
-        "unet_res", (UnetResBlock,), _unet_res_block, lambda m: not hasattr(m, "conv3"),
+        "unet_res",
+        (UnetResBlock,),
+        _unet_res_block,
+        lambda m: not hasattr(m, "conv3"),
         why_not="projects its skip (stride or channel change)",
     ),
     BlockFamily("transformer", (TransformerBlock,), _transformer_block, _always),
@@ -532,7 +547,9 @@ def block_relevance(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("empty data: the loader yielded no batches, so no block relevance could be collected")
+        raise ValueError(
+            "empty data: the loader yielded no batches, so no block relevance could be collected"
+        )
     values = {n: float(sums[n] / count) if n in sums else 0.0 for n in chosen}
     return BlockRelevance(values, method, count, stages, example)
 
@@ -568,7 +585,8 @@ def lrp_block_terms(
                 grads = {n: _per_sample(g.detach()) for n, g in rec.grads.items()}
                 rec.clear()
         return {
-            n: {"joins": list(v), "output": grads.get(n), "mass": terms.mass[n]} for n, v in terms.joins.items()
+            n: {"joins": list(v), "output": grads.get(n), "mass": terms.mass[n]}
+            for n, v in terms.joins.items()
         }
     finally:
         model.train(was_training)
