@@ -11,7 +11,7 @@ from monai.networks.nets import BasicUNet, DenseNet, DynUNet, ResNet, SegResNet,
 from torch import nn
 
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
-from monai_iaprune.pruning.checkpoint import apply_pruned_structure, safe_load, save_pruned
+from monai_iaprune.pruning.checkpoint import apply_pruned_structure, load_pruned, safe_load, save_pruned
 from monai_iaprune.pruning.depth import prune_depth, removed_block_names, replay_removed_blocks
 from monai_iaprune.relevance.blocks import (
     RemovedBlock,
@@ -310,12 +310,14 @@ def test_checkpoint_replay(tmp_path, builder):
     path = save_pruned(net, tmp_path / "depth.pt")
     ckpt = safe_load(path)
     fresh = builder(2).eval()
-    with pytest.raises(RuntimeError):  # without the replay, the removed blocks' weights are missing
-        apply_pruned_structure(builder(2), ckpt["pruned_structure"]).load_state_dict(ckpt["state_dict"])
     assert replay_removed_blocks(fresh, ckpt["pruned_structure"]) == removed_block_names(net)
     apply_pruned_structure(fresh, ckpt["pruned_structure"])
     fresh.load_state_dict(ckpt["state_dict"])
     torch.testing.assert_close(_first(fresh(x)), _first(net(x)))
+    # load_pruned replays the removed blocks itself (apply_pruned_structure calls replay_removed_blocks)
+    loaded = load_pruned(path, builder(2))
+    assert removed_block_names(loaded) == removed_block_names(net)
+    torch.testing.assert_close(_first(loaded(x)), _first(net(x)))
 
 
 def test_real_data_end_to_end():

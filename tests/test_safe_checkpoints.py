@@ -77,9 +77,10 @@ def test_legacy_pruned_file_with_a_pickled_module_never_unpickles_it(tmp_path: P
 
 def test_pruned_file_holds_no_pickled_module_and_loads_safely(tmp_path: Path):
     x = torch.randn(1, 1, 16, 16, 16)
-    make = lambda: SegResNet(
-        3, init_filters=8, in_channels=1, out_channels=2, norm="BATCH", blocks_down=(1, 1), blocks_up=(1,)
-    )  # noqa: E731
+
+    def make() -> torch.nn.Module:
+        return SegResNet(3, 8, 1, 2, norm="BATCH", blocks_down=(1, 1), blocks_up=(1,))
+
     net = _pruned(make(), x)
     path = save_pruned(net, tmp_path / "seg.pt", extra={"method": "magnitude"})
     raw = torch.load(path, weights_only=True)  # SegResNet's UpsampleMode enum is stored as its plain value

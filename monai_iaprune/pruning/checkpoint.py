@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_iaprune.pruning.depth import replay_removed_blocks
+
 __all__ = [
     "FORMAT",
     "pruned_structure",
@@ -111,6 +113,7 @@ def apply_pruned_structure(model: nn.Module, structure: Mapping[str, Mapping[str
     Raises:
         ValueError: ``model`` does not have the recorded modules / parameters (a different network_def).
     """
+    replay_removed_blocks(model, structure)  # depth pruning: removed blocks first, so their names resolve
     modules = dict(model.named_modules())
     missing = [n for n in structure if n not in modules]
     if missing:
