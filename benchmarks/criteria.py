@@ -51,7 +51,6 @@ from run import (  # noqa: E402
 )
 
 from monai_iaprune import channel_relevance, prune, recalibrate_batchnorm  # noqa: E402
-from monai_iaprune.relevance.collect import _ensure_methods_loaded  # noqa: E402
 
 TARGETS = ("label", "loss")
 NORMALIZERS = ("mean", "max", "rank", "none")
@@ -75,7 +74,6 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    _ensure_methods_loaded()
     path = args.out / "criteria.csv"
     done = {
         _key(r["dataset"], r["prune_target"], float(r["ratio"]), r["method"], r["target"], r["normalizer"])

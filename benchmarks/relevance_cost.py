@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded  # noqa: E402
 from monai_iaprune.relevance.layers import prunable_layers  # noqa: E402
+from monai_iaprune.relevance.registry import METHODS  # noqa: E402
 from monai_iaprune.relevance.targets import target_selection  # noqa: E402
 
 METHOD_ORDER = ("lrp", "ig", "dlb", "taylor", "magnitude", "random")
@@ -240,7 +240,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    _ensure_methods_loaded()
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

@@ -46,7 +46,7 @@ from monai_iaprune.pruning.prune import (  # noqa: E402
     count_params,
     resolve_normalizer,  # noqa: E402
 )
-from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded  # noqa: E402
+from monai_iaprune.relevance.registry import METHODS  # noqa: E402
 from monai_iaprune.report.explanations import (  # noqa: E402
     agreement_from_maps,
     attribution_maps,
@@ -995,7 +995,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    _ensure_methods_loaded()
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()

@@ -20,9 +20,8 @@ from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned, safe_loa
 
 def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_epochs: int = 0) -> None:
     """Raise ValueError for an unknown relevance method, a ratio outside (0, 1), or bad stage / epoch counts."""
-    from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded
+    from monai_iaprune.relevance.registry import METHODS
 
-    _ensure_methods_loaded()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available relevance methods: {sorted(METHODS)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:

@@ -33,8 +33,9 @@ from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import count_macs, count_params, prune
-from monai_iaprune.relevance.collect import METHODS, channel_relevance
+from monai_iaprune.relevance.collect import channel_relevance
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
+from monai_iaprune.relevance.registry import METHODS
 from monai_iaprune.report.prune_report import measure_latency, package_versions, write_prune_report
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -508,7 +509,7 @@ def prune_host_bundle(
 
     roi = _patch_size(evaluator, patch_size)
     transform = PatchOutputTransform(roi, patch_mode, max_patches) if roi is not None else _image_label
-    data_free = METHODS[method].data_free  # check_prune_settings loaded the methods
+    data_free = METHODS[method].data_free  # check_prune_settings checked the name
     collector = (
         None
         if data_free

@@ -8,7 +8,6 @@ from monai.networks import nets
 from torch import nn
 
 from monai_iaprune import METHODS, channel_relevance, prune
-from monai_iaprune.relevance.collect import _ensure_methods_loaded
 
 CLASSES = 3
 
@@ -89,7 +88,6 @@ NETS = [
 
 
 def _methods() -> list[str]:
-    _ensure_methods_loaded()
     return ["taylor", "magnitude"] + (["lrp"] if "lrp" in METHODS else [])
 
 

@@ -15,7 +15,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_iaprune.distributed import rank
 from monai_iaprune.pruning.prune import count_macs, count_params
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
-from monai_iaprune.report.explanations import MAP_METHODS
+from monai_iaprune.relevance.registry import input_map_methods
 from monai_iaprune.report.prune_report import measure_latency, package_versions, write_prune_report
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -103,8 +103,8 @@ class PruneReportHandler:
             raise ValueError("evaluator must be a MONAI evaluator (an ignite Engine with run())")
         if not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
-        if explain_method not in MAP_METHODS:
-            raise ValueError(f"unknown explain_method {explain_method!r}; use one of {MAP_METHODS}")
+        if explain_method not in input_map_methods():
+            raise ValueError(f"unknown explain_method {explain_method!r}; use one of {input_map_methods()}")
         explain_kwargs = dict(explain_kwargs or {})
         clash = [k for k in _EXPLAIN_RESERVED if k in explain_kwargs]
         if clash:

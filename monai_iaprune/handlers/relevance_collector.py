@@ -10,13 +10,9 @@ import torch
 from monai.utils import CommonKeys, IgniteInfo, convert_to_tensor, min_version, optional_import
 from torch import nn
 
-from monai_iaprune.relevance.collect import (
-    METHODS,
-    ChannelRelevance,
-    _ensure_methods_loaded,
-    channel_relevance,
-)
+from monai_iaprune.relevance.collect import ChannelRelevance, channel_relevance
 from monai_iaprune.relevance.distributed import all_reduce_sums, is_distributed
+from monai_iaprune.relevance.registry import get_method
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -99,10 +95,7 @@ class RelevanceCollector:
         output_transform: Callable[[Any], tuple[Any, Any]] = _image_label,
         name: str | None = None,
     ) -> None:
-        _ensure_methods_loaded()
-        if method not in METHODS:
-            raise ValueError(f"unknown relevance method {method!r}; available: {sorted(METHODS)}")
-        if METHODS[method].data_free:
+        if get_method(method).data_free:
             raise ValueError(
                 f"method {method!r} needs no data, so there is nothing to collect on an evaluator"
             )

@@ -17,14 +17,10 @@ from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import apply_pruned_structure, pruned_structure
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import prune
-from monai_iaprune.relevance.collect import (
-    METHODS,
-    ChannelRelevance,
-    _ensure_methods_loaded,
-    channel_relevance,
-    split_batch,
-)
+from monai_iaprune.relevance.collect import ChannelRelevance, channel_relevance
 from monai_iaprune.relevance.distributed import all_reduce_relevance, broadcast_module
+from monai_iaprune.relevance.registry import get_method
+from monai_iaprune.utils.batch import split_batch
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -116,9 +112,8 @@ class RelevancePruningHandler:
         epoch_level: bool = True,
         name: str | None = None,
     ) -> None:
-        _ensure_methods_loaded()
-        if collector is None and method not in METHODS:
-            raise ValueError(f"unknown relevance method {method!r}; available: {sorted(METHODS)}")
+        if collector is None:
+            get_method(method)  # raises for an unknown name, listing the registered ones
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
             raise ValueError(
                 f"bad ratio {ratio!r}: the fraction of parameters to remove must lie strictly between 0 and 1"

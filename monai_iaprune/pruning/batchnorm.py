@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_iaprune.relevance.collect import split_batch
+from monai_iaprune.utils.batch import split_batch
 
 
 @torch.no_grad()

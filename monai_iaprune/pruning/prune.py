@@ -18,6 +18,7 @@ from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, m
 from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
+from monai_iaprune.relevance.registry import METHODS
 
 TARGETS = ("params", "macs", "channels", "latency")
 
@@ -241,9 +242,6 @@ def _limit_group(pruner: tp.pruner.MetaPruner, group, max_layer_ratio: float, ro
     return dg.get_pruning_group(module, fn, sorted(p + g * size for g in range(groups) for p in positions))
 
 
-SHARED_SCALE_METHODS = ("lrp", "ig", "taylor")
-
-
 def resolve_normalizer(normalizer: str | None, relevance: Any = None, target: str = "params") -> str | None:
     """The per-layer normaliser ``prune`` uses: ``"auto"`` resolved from ``relevance.method`` and ``target``.
 
@@ -258,7 +256,8 @@ def resolve_normalizer(normalizer: str | None, relevance: Any = None, target: st
                 f"unknown normalizer {normalizer!r}; use 'auto' or one of {RelevanceImportance.NORMALIZERS}"
             )
         return normalizer
-    if target == "params" and getattr(relevance, "method", None) in SHARED_SCALE_METHODS:
+    spec = METHODS.get(getattr(relevance, "method", None))
+    if target == "params" and spec is not None and spec.shared_scale:
         return None
     return "mean"
 
@@ -307,8 +306,8 @@ def prune(
             same scores keep their accuracy (BENCHMARKS.md, MedMNIST benchmark).
         normalizer: per-layer normalisation before channels are ranked across layers (see
             ``RelevanceImportance``). ``"auto"`` (default): with ``target="params"``, ``None`` (raw scores)
-            for the attributions ``"lrp"``, ``"ig"``, ``"taylor"``, whose per-channel values are shares of
-            one explained output, so a wide layer's channels each carry little and go first — that removes
+            for the methods registered with ``shared_scale=True`` (the attributions ``"lrp"``, ``"ig"``,
+            ``"taylor"``), whose per-channel values are shares of one explained output, so a wide layer's channels each carry little and go first — that removes
             parameters where they cost least accuracy, but keeps most MACs (deep layers hold the
             parameters, early layers the MACs); ``"mean"`` for every other method and for
             ``target="macs"`` / ``"channels"``, where raw scores strip the cheap-per-MAC deep layers

@@ -1,23 +1,30 @@
-"""Per-channel relevance: LRP (zennit), IG / conductance, DL-Backtrace and baseline criteria."""
+"""Per-channel relevance: LRP (zennit), IG / conductance, DL-Backtrace and baseline criteria.
 
-from monai_iaprune.relevance.collect import (
-    METHODS,
-    ChannelRelevance,
-    channel_relevance,
-    check_input_dims,
-    register_method,
-    split_batch,
-)
+Importing this package imports every method module, and each registers itself in ``registry.METHODS``.
+"""
+
+from monai_iaprune.relevance import backtrace, baselines, conductance, lrp  # noqa: F401  (register the methods)
+from monai_iaprune.relevance.collect import ChannelRelevance, channel_relevance
 from monai_iaprune.relevance.layers import prunable_layers
+from monai_iaprune.relevance.registry import (
+    METHODS,
+    RelevanceMethodSpec,
+    get_method,
+    input_map_methods,
+    register_method,
+    unregister_method,
+)
 from monai_iaprune.relevance.targets import target_selection
 
 __all__ = [
     "METHODS",
     "ChannelRelevance",
+    "RelevanceMethodSpec",
     "channel_relevance",
-    "check_input_dims",
+    "get_method",
+    "input_map_methods",
     "prunable_layers",
     "register_method",
-    "split_batch",
     "target_selection",
+    "unregister_method",
 ]

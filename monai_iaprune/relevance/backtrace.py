@@ -82,9 +82,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from monai_iaprune.relevance.canonizers import attention_types
-from monai_iaprune.relevance.collect import SelectionFn, register_method
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
+from monai_iaprune.relevance.registry import SelectionFn, register_method
 
 __all__ = ["ACTIVATION_RANGES", "backtrace", "backtrace_relevance_maps"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from monai_iaprune.relevance.collect import SelectionFn, register_method
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
+from monai_iaprune.relevance.registry import SelectionFn, register_method
 
 
 @register_method("magnitude", data_free=True)
@@ -38,7 +38,7 @@ def random(
     }
 
 
-@register_method("taylor")
+@register_method("taylor", shared_scale=True)
 def taylor(
     model: nn.Module, inputs: torch.Tensor, select: SelectionFn, layers: dict[str, nn.Module], **_
 ) -> dict[str, torch.Tensor]:

@@ -11,13 +11,15 @@ gradient of ``F`` reaching a layer's output through chained layers is still ``dF
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from monai_iaprune.relevance.collect import SelectionFn, register_method
 from monai_iaprune.relevance.hooks import no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
+from monai_iaprune.relevance.registry import SelectionFn, register_method
+from monai_iaprune.utils.batch import first_output
 
 INTEGRATION_METHODS = (
     "riemann_trapezoid",
@@ -259,7 +261,47 @@ def _path_conductance(
     return result, sel
 
 
-@register_method("ig")
+def ig_input_maps(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    selection: torch.Tensor,
+    n_steps: int = 16,
+    baseline: float | torch.Tensor = 0.0,
+    internal_batch_size: int | None = None,
+    **_: Any,
+) -> torch.Tensor:
+    """Integrated Gradients (captum) at the input of ``(selection * output).sum()`` per sample; maps like ``inputs``.
+
+    Args:
+        model: the network, in eval mode.
+        inputs: ``[B, C, *spatial]``.
+        selection: 0/1 selection of the output that is explained, of the output's shape.
+        n_steps: IG integration steps.
+        baseline: IG baseline: a value or a tensor broadcastable to ``inputs``.
+        internal_batch_size: captum's internal batch size (limits memory for 3D inputs).
+    """
+    from captum.attr import IntegratedGradients
+
+    def selected_score(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        out = first_output(model(x))
+        if out.shape != sel.shape:
+            raise ValueError(
+                f"selection of shape {tuple(sel.shape)} does not match the model output {tuple(out.shape)}"
+            )
+        return (out * sel).flatten(1).sum(1)
+
+    # the selection travels as an additional forward arg so captum repeats it for every IG step
+    base = baseline if isinstance(baseline, torch.Tensor) else torch.full_like(inputs, float(baseline))
+    return IntegratedGradients(selected_score).attribute(
+        inputs,
+        baselines=base.to(inputs.device, inputs.dtype).expand_as(inputs),
+        additional_forward_args=(selection,),
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+    )
+
+
+@register_method("ig", shared_scale=True, input_maps=ig_input_maps)
 def conductance(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -337,4 +379,11 @@ def conductance(
     return {name: torch.cat(v) for name, v in out.items()}
 
 
-__all__ = ["BASELINE_NAMES", "INTEGRATION_METHODS", "conductance", "path_alphas", "resolve_baseline"]
+__all__ = [
+    "BASELINE_NAMES",
+    "INTEGRATION_METHODS",
+    "conductance",
+    "ig_input_maps",
+    "path_alphas",
+    "resolve_baseline",
+]

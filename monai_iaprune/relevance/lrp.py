@@ -4,23 +4,10 @@ Under a zennit composite the gradient that arrives at a layer's output *is* its 
 return relevance in place of gradients), so one modified backward pass from ``select(output) * output`` gives
 the relevance of every channel of every layer at once; ``OutputRecorder`` reads it off the layer outputs.
 
-Rules beyond zennit's built-in composites (prepended to every named composite):
-
-- BatchNorm that could not be merged into a preceding conv (DenseNet's pre-activation norms after a
-  concatenation) gets the epsilon rule as an element-wise affine layer, so its shift acts as a bias.
-- LayerNorm / GroupNorm / InstanceNorm (and RMSNorm) get the epsilon rule on the normalisation with its
-  standard deviation held constant (the "LN rule" of Ali et al. 2022): centring and scaling are then linear,
-  and relevance is conserved up to the affine shift. This lets LRP run on ViT, SwinUNETR and UNets with
-  instance norm.
-- Residual sums, SE gates and attention are rewritten by the canonizers in ``relevance.canonizers``.
-
-Cost: the named composites run zennit's rules for linear / conv layers, BatchNorm and activations as
-``OutputRule`` hooks (``EpsilonRule``, ``ZPlusRule``, ``PassRule``): the same values as zennit's ``Epsilon``,
-``ZPlus`` and ``Pass`` (tested layer by layer), but the layer's own backward, which zennit computes and then
-discards, never runs, no layer input is copied, and z+ skips the ``x-`` half where the input has no negative
-entry (after a ReLU). BatchNorms merged into the preceding layer become exact identities (no rule). The
-BatchNorm merge plan is traced once per model and input shape, and ``lrp_session`` (used by
-``channel_relevance``) applies canonizers and hooks once for all batches.
+The rules are in ``relevance.lrp_rules``, the named composites in ``relevance.lrp_composites``, and residual
+sums, SE gates and attention are rewritten by the canonizers in ``relevance.canonizers``. The BatchNorm merge
+plan is traced once per model and input shape, and ``lrp_session`` (used by ``channel_relevance``) applies
+canonizers and hooks once for all batches.
 
 A leaf module that has parameters but no rule (e.g. a custom layer, ``nn.MultiheadAttention``) raises
 ``NotImplementedError`` naming it, rather than silently passing plain gradients through it.
@@ -33,432 +20,28 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from zennit.canonizers import Canonizer
-from zennit.composites import (
-    EpsilonAlpha2Beta1,
-    EpsilonAlpha2Beta1Flat,
-    LayerMapComposite,
-    SpecialFirstLayerMapComposite,
-    layer_map_base,
-)
-from zennit.core import Composite, Hook, RemovableHandle, RemovableHandleList, Stabilizer
-from zennit.rules import Epsilon, Flat, ZPlus
-from zennit.types import Activation, Convolution, ConvolutionStandard
-from zennit.types import Linear as ZennitLinear
+from zennit.core import Composite
 
-from monai_iaprune.relevance.canonizers import auto_canonizers, is_merged_identity
-from monai_iaprune.relevance.collect import SelectionFn, register_method
+from monai_iaprune.relevance.canonizers import auto_canonizers
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
+from monai_iaprune.relevance.lrp_composites import make_composite
+from monai_iaprune.relevance.registry import SelectionFn, register_method
 from monai_iaprune.relevance.targets import target_selection
 
 __all__ = [
-    "COMPOSITES",
-    "NORM_TYPES",
-    "EpsilonRule",
-    "NormalizationEpsilon",
-    "OutputRule",
-    "PassRule",
-    "ZPlusRule",
+    "PRUNING_COMPOSITE",
     "input_relevance",
     "lrp",
+    "lrp_context",
+    "lrp_input_maps",
     "lrp_session",
-    "make_composite",
     "resolve_canonizers",
 ]
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
 CanonizerSpec = str | Sequence[Canonizer] | None
-
-
-def _affine(module: nn.Module, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    shape = [1] * y.ndim
-    if channel_dim == -1:  # LayerNorm / RMSNorm: weight covers the trailing normalised dims
-        if weight is not None:
-            y = y * weight
-        return y + bias if bias is not None else y
-    shape[channel_dim] = -1
-    if weight is not None:
-        y = y * weight.view(shape)
-    return y + bias.view(shape) if bias is not None else y
-
-
-def normalize_std_constant(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Re-compute a normalisation layer's output with its standard deviation detached (linear in ``x``).
-
-    Args:
-        module: a LayerNorm, GroupNorm, InstanceNorm or RMSNorm.
-        x: its input.
-    """
-    if isinstance(module, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)):
-        dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        if isinstance(module, nn.LayerNorm):
-            centred = x - x.mean(dims, keepdim=True)
-            y = centred / (centred.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach()
-        else:
-            y = x / (x.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach()
-        return _affine(module, y, -1)
-    if isinstance(module, nn.GroupNorm):
-        b = x.shape[0]
-        xg = x.reshape(b, module.num_groups, -1)
-        centred = xg - xg.mean(-1, keepdim=True)
-        y = centred / (centred.pow(2).mean(-1, keepdim=True) + module.eps).sqrt().detach()
-        return _affine(module, y.reshape(x.shape), 1)
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        if module.track_running_stats and not module.training:
-            return module.forward(x)  # running statistics: already affine in x
-        dims = tuple(range(2, x.ndim))
-        centred = x - x.mean(dims, keepdim=True)
-        y = centred / (centred.pow(2).mean(dims, keepdim=True) + module.eps).sqrt().detach()
-        return _affine(module, y, 1) if module.affine else y
-    return module.forward(x)
-
-
-class _RuleOutput(torch.autograd.Function):
-    """Identity on a layer's output whose backward is the layer's LRP rule, straight onto the layer's input."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, rule: Callable[[torch.Tensor], torch.Tensor]):
-        ctx.rule = rule
-        # ``out`` is the layer's detached output: re-using it in place (no copy) keeps it an ordinary tensor that
-        # later in-place ops (ReLU(inplace=True)) may modify, which a returned view would forbid
-        ctx.mark_dirty(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, relevance: torch.Tensor):
-        return ctx.rule(relevance), None, None
-
-
-class OutputRule(Hook):
-    """A zennit ``Hook`` whose rule is the backward of an identity on the layer's output, wired to the layer input.
-
-    zennit's ``BasicHook`` lets autograd run the layer's own backward and then overwrites its result, and clones
-    every layer input to survive in-place ops; here the layer's own backward never runs (its graph is cut) and a
-    rule keeps only what it needs (e.g. ``x.clamp(min=0)``). Subclasses implement ``prepare``: called in the forward
-    pass with the layer's (detached) input and output, it returns ``relevance_out -> relevance_in``. Instances
-    are used like any zennit hook in a composite (``copy``, ``register``, ``remove``).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._inputs: list[torch.Tensor | None] = []
-
-    def register(self, module: nn.Module) -> RemovableHandleList:
-        """Attach to ``module``; the returned handles detach it."""
-        return RemovableHandleList(
-            [
-                RemovableHandle(self),
-                module.register_forward_pre_hook(self._pre_forward),
-                module.register_forward_hook(self._post_forward),
-            ]
-        )
-
-    def _pre_forward(self, module: nn.Module, args: tuple) -> tuple | None:
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        self._inputs.append(x)
-        if x is not None and x.requires_grad and getattr(module, "inplace", False) is True:
-            return (x.clone(),) + tuple(args[1:])  # the rule reads the input as it was, not as overwritten
-        return None
-
-    def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
-        x = self._inputs.pop() if self._inputs else None
-        if not self.active or x is None or not x.requires_grad or not isinstance(output, torch.Tensor):
-            return None
-        out = output.detach()
-        rule = self.prepare(module, x.detach(), out)
-        if rule is None:  # nothing to change: the layer's own gradient is its relevance
-            return None
-        if out.data_ptr() == x.data_ptr():  # the layer returned (a view of) its input: keep the input intact
-            out = out.clone()
-        return _RuleOutput.apply(x, out, rule)
-
-    def prepare(
-        self, module: nn.Module, x: torch.Tensor, out: torch.Tensor
-    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Return the map ``relevance at the output -> relevance at the input`` for this call of ``module``
-        (``None``: keep the layer's own gradient, e.g. for an exact identity)."""
-        raise NotImplementedError
-
-    def remove(self) -> None:
-        """Drop stored tensors and handles."""
-        super().remove()
-        self._inputs.clear()
-
-    def copy(self) -> OutputRule:
-        """Return a fresh copy (one hook instance per module)."""
-        return type(self)()
-
-
-def _stabilize(z: torch.Tensor, stabilizer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``stabilizer(z)``; zennit's default ``Stabilizer`` (``z + eps * sign(z)``, sign(0) = +1) in three ops."""
-    if type(stabilizer) is Stabilizer and not stabilizer.clip and not stabilizer.norm_scale:
-        eps = stabilizer.epsilon
-        return z + torch.where(z >= 0, eps, -eps)
-    return stabilizer(z)
-
-
-def _layer_map(
-    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """A linear / (non-transposed) conv layer's map with the given parameters (no module hooks fire)."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, weight, bias)
-    return module._conv_forward(x, weight, bias)
-
-
-def _input_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``(d layer(x; weight) / dx)^T grad`` for a linear / conv layer, without re-running the layer's forward."""
-    if isinstance(module, nn.Linear):
-        return grad @ weight
-    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        nd = len(module.kernel_size)
-        return torch.ops.aten.convolution_backward(
-            grad,
-            x,
-            weight,
-            None,
-            list(module.stride),
-            list(module.padding),
-            list(module.dilation),
-            False,
-            [0] * nd,
-            module.groups,
-            (True, False, False),
-        )[0]
-    with torch.enable_grad():  # padding modes / "same": differentiate the layer's own map
-        xr = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_layer_map(module, xr, weight, None), xr, grad)
-    return g
-
-
-def _bn_scale(module: nn.Module, ndim: int) -> torch.Tensor | None:
-    """``gamma / sqrt(running_var + eps)`` shaped for broadcasting, or None if the BatchNorm uses batch statistics."""
-    if module.training or not module.track_running_stats or module.running_var is None:
-        return None
-    scale = (module.running_var + module.eps).rsqrt()
-    if module.weight is not None:
-        scale = scale * module.weight.detach()
-    return scale.reshape(1, -1, *([1] * (ndim - 2)))
-
-
-class EpsilonRule(OutputRule):
-    """LRP epsilon rule, equal to zennit's ``Epsilon``: ``R_x = x * W^T (R_y / stabilize(y))``, ``y`` the output.
-
-    Linear / convolution layers (not transposed) and BatchNorm in eval mode (an element-wise affine map, so the
-    rule is ``R_x = (a x / stabilize(y)) R_y``); a BatchNorm on batch statistics re-runs its forward as zennit does.
-
-    Args:
-        epsilon: stabiliser of the division by the output.
-    """
-
-    def __init__(self, epsilon: float = 1e-6):
-        super().__init__()
-        self.epsilon = epsilon
-        self.stabilizer = Stabilizer.ensure(epsilon)
-
-    def prepare(self, module, x, out):
-        """Keep ``x`` and the stabilised output (BatchNorm: only their ratio)."""
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if is_merged_identity(module):
-                return None  # merged into the layer before it: now an exact identity, relevance passes as is
-            scale = _bn_scale(module, x.ndim)
-            if scale is not None:
-                ratio = x * scale / _stabilize(out, self.stabilizer)
-                return lambda relevance: ratio * relevance
-            x = x.clone()
-
-            def generic(relevance: torch.Tensor) -> torch.Tensor:
-                with torch.enable_grad():
-                    xr = x.detach().requires_grad_(True)
-                    y = module.forward(xr)
-                    (g,) = torch.autograd.grad(y, xr, relevance / _stabilize(y.detach(), self.stabilizer))
-                return x * g
-
-            return generic
-        x, den = x.clone(), _stabilize(out, self.stabilizer)
-        weight = module.weight.detach()
-        return lambda relevance: x * _input_vjp(module, x, weight, relevance / den)
-
-    def copy(self) -> EpsilonRule:
-        """Return a fresh copy."""
-        return EpsilonRule(self.epsilon)
-
-
-class ZPlusRule(OutputRule):
-    """LRP z+ rule (alpha 1, beta 0), equal to zennit's ``ZPlus`` on linear / (non-transposed) conv layers.
-
-    ``z = W+ x+ + b+ + W- x-``; ``R_x = x+ * W+^T (R / stabilize(z)) + x- * W-^T (R / stabilize(z))``. When the
-    input has no negative entry (any layer after a ReLU) the ``x-`` half is zero and is skipped.
-
-    Args:
-        stabilizer: stabiliser of the division by ``z``.
-    """
-
-    def __init__(self, stabilizer: float = 1e-6):
-        super().__init__()
-        self.stabilizer_value = stabilizer
-        self.stabilizer = Stabilizer.ensure(stabilizer)
-
-    def prepare(self, module, x, out):
-        """Keep the positive (and, if any, negative) part of the input."""
-        xp = x.clamp(min=0)
-        xn = x.clamp(max=0) if bool(x.min() < 0) else None
-
-        def rule(relevance: torch.Tensor) -> torch.Tensor:
-            w = module.weight.detach()
-            wp = w.clamp(min=0)
-            bias = module.bias.detach().clamp(min=0) if module.bias is not None else None
-            z = _layer_map(module, xp, wp, bias)
-            if xn is None:  # z >= 0 here, where the stabiliser adds +eps: one op, in place
-                if (
-                    type(self.stabilizer) is Stabilizer
-                    and not self.stabilizer.clip
-                    and not self.stabilizer.norm_scale
-                ):
-                    z = z.add_(self.stabilizer.epsilon)
-                else:
-                    z = self.stabilizer(z)
-            else:
-                wn = w.clamp(max=0)
-                z = _stabilize(z + _layer_map(module, xn, wn, None), self.stabilizer)
-            s = relevance / z
-            rel = xp * _input_vjp(module, xp, wp, s)
-            if xn is not None:
-                rel = rel + xn * _input_vjp(module, xn, wn, s)
-            return rel
-
-        return rule
-
-    def copy(self) -> ZPlusRule:
-        """Return a fresh copy."""
-        return ZPlusRule(self.stabilizer_value)
-
-
-class PassRule(OutputRule):
-    """zennit's ``Pass`` for element-wise activations: relevance goes to the input unchanged."""
-
-    def prepare(self, module, x, out):
-        """Nothing to keep."""
-        return _identity
-
-    def copy(self) -> PassRule:
-        """Return a fresh copy."""
-        return PassRule()
-
-
-def _identity(relevance: torch.Tensor) -> torch.Tensor:
-    return relevance
-
-
-class NormalizationEpsilon(OutputRule):
-    """Epsilon rule for normalisation layers with the standard deviation held constant.
-
-    ``R_in = x * d/dx [ y'(x) . (R_out / stabilize(y)) ]`` where ``y'`` is the layer with detached std; for zero
-    shift this conserves relevance exactly (``y'`` is homogeneous in ``x``).
-
-    Args:
-        epsilon: stabiliser of the division by the output.
-    """
-
-    def __init__(self, epsilon: float = 1e-6):
-        super().__init__()
-        self.epsilon = epsilon
-        self.stabilizer = Stabilizer.ensure(epsilon)
-
-    def prepare(self, module, x, out):
-        """Keep the layer input for the backward pass."""
-        x = x.clone()
-
-        def rule(relevance: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                xr = x.detach().requires_grad_(True)
-                y = normalize_std_constant(module, xr)
-                (grad,) = torch.autograd.grad(
-                    y, xr, grad_outputs=relevance / _stabilize(y.detach(), self.stabilizer)
-                )
-            return x * grad
-
-        return rule
-
-    def copy(self) -> NormalizationEpsilon:
-        """Return a fresh copy (one hook instance per module)."""
-        return NormalizationEpsilon(self.epsilon)
-
-
-def _extra_layer_map(epsilon: float) -> list[tuple[Any, Hook]]:
-    return [
-        (nn.modules.batchnorm._BatchNorm, EpsilonRule(epsilon)),
-        (NORM_TYPES, NormalizationEpsilon(epsilon)),
-        (Activation, PassRule()),
-    ]
-
-
-# layers the output-rule versions of zennit's rules cover; transposed convolutions keep zennit's own rules
-_OUTPUT_RULE_TYPES = (nn.Linear, ConvolutionStandard)
-
-
-def _epsilon(epsilon: float, stabilizer: float, canonizers: list[Canonizer]) -> Composite:
-    layer_map = (
-        _extra_layer_map(epsilon)
-        + layer_map_base(stabilizer)
-        + [(_OUTPUT_RULE_TYPES, EpsilonRule(epsilon)), (ZennitLinear, Epsilon(epsilon=epsilon))]
-    )
-    return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
-
-
-def _zplus(epsilon: float, stabilizer: float, canonizers: list[Canonizer]) -> Composite:
-    layer_map = (
-        _extra_layer_map(epsilon)
-        + layer_map_base(stabilizer)
-        + [(_OUTPUT_RULE_TYPES, ZPlusRule(stabilizer)), (ZennitLinear, ZPlus(stabilizer=stabilizer))]
-    )
-    return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
-
-
-def _epsilon_plus_flat(epsilon: float, stabilizer: float, canonizers: list[Canonizer]) -> Composite:
-    # zennit's EpsilonPlusFlat with its ZPlus / Epsilon as output rules (same values, see tests/test_lrp.py)
-    layer_map = (
-        _extra_layer_map(epsilon)
-        + layer_map_base(stabilizer)
-        + [
-            (ConvolutionStandard, ZPlusRule(stabilizer)),
-            (Convolution, ZPlus(stabilizer=stabilizer)),
-            (nn.Linear, EpsilonRule(epsilon)),
-        ]
-    )
-    first_map = [(ZennitLinear, Flat(stabilizer=stabilizer))]
-    return SpecialFirstLayerMapComposite(layer_map=layer_map, first_map=first_map, canonizers=canonizers)
-
-
-def _zennit(cls: type) -> Callable[[float, float, list[Canonizer]], Composite]:
-    def build(epsilon: float, stabilizer: float, canonizers: list[Canonizer]) -> Composite:
-        return cls(
-            epsilon=epsilon, stabilizer=stabilizer, layer_map=_extra_layer_map(epsilon), canonizers=canonizers
-        )
-
-    return build
-
-
-COMPOSITES: dict[str, Callable[[float, float, list[Canonizer]], Composite]] = {
-    "epsilon": _epsilon,
-    "zplus": _zplus,
-    "alpha_beta": _zennit(EpsilonAlpha2Beta1),
-    "epsilon_plus_flat": _epsilon_plus_flat,
-    "epsilon_alpha2beta1_flat": _zennit(EpsilonAlpha2Beta1Flat),
-}
-"""Composite names: ``"epsilon"`` (Epsilon on every conv / linear), ``"zplus"`` (ZPlus on every conv / linear),
-``"alpha_beta"`` (AlphaBeta(2, 1) on convs, Epsilon on dense layers), ``"epsilon_plus_flat"`` (Flat on the first
-layer, ZPlus on convs, Epsilon on dense layers) and ``"epsilon_alpha2beta1_flat"``."""
 
 
 def resolve_canonizers(
@@ -485,29 +68,6 @@ def resolve_canonizers(
     if bad:
         raise TypeError(f"canonizers must be zennit Canonizer instances, got {bad}")
     return canonizers
-
-
-def make_composite(
-    composite: str | Composite,
-    epsilon: float = 1e-6,
-    stabilizer: float = 1e-6,
-    canonizers: Sequence[Canonizer] = (),
-) -> Composite:
-    """Build a named composite with the given canonizers (or return a given zennit ``Composite`` unchanged).
-
-    Args:
-        composite: a name in ``COMPOSITES`` or a zennit ``Composite`` instance.
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules (ZPlus, AlphaBeta, Flat, Norm on sums and average pools).
-        canonizers: canonizers the composite applies before registering its rules.
-    """
-    if isinstance(composite, Composite):
-        return composite
-    if not isinstance(composite, str) or composite not in COMPOSITES:
-        raise ValueError(
-            f"unknown LRP composite {composite!r}; available: {sorted(COMPOSITES)} or a zennit Composite"
-        )
-    return COMPOSITES[composite](epsilon, stabilizer, list(canonizers))
 
 
 def _unruled_layers(model: nn.Module, composite: Composite) -> list[tuple[str, str]]:
@@ -539,7 +99,7 @@ def lrp_context(
     Args:
         model: the network, in eval mode.
         inputs: an input batch (used to trace BatchNorm merging when ``canonizers="auto"``).
-        composite: a name in ``COMPOSITES`` or a zennit ``Composite``.
+        composite: a name in ``lrp_composites.LRP_COMPOSITES`` or a zennit ``Composite``.
         epsilon, stabilizer: see ``make_composite``.
         canonizers: ``"auto"``, ``None`` or a list of zennit canonizers. With a given ``Composite`` instance,
             these are applied before the composite's own canonizers.
@@ -614,36 +174,59 @@ def _propagate(
 PRUNING_COMPOSITE = "epsilon"
 
 
-@register_method("lrp")
-def lrp(
+def input_relevance(
     model: nn.Module,
     inputs: torch.Tensor,
-    select: SelectionFn,
-    layers: dict[str, nn.Module],
-    composite: str | Composite = PRUNING_COMPOSITE,
-    epsilon: float = 1e-6,
+    select: SelectionFn | None = None,
+    composite: str | Composite = "epsilon_plus_flat",
     canonizers: CanonizerSpec = "auto",
+    epsilon: float = 1e-6,
     stabilizer: float = 1e-6,
-    **_: Any,
-) -> dict[str, torch.Tensor]:
-    """LRP relevance of each output channel of ``layers``, per sample: ``{name: [B, C]}``.
+) -> torch.Tensor:
+    """LRP heatmap at the input (same shape as ``inputs``), e.g. for explanation maps in reports.
 
-    Relevance at a layer's output, summed over spatial / token positions; the start relevance is
-    ``select(output) * output``. Each call applies and removes the canonizers and rule hooks; over many
-    batches, ``lrp_session`` (which ``channel_relevance`` uses) keeps them in place instead.
+    The model is put in eval mode for the pass and restored afterwards.
 
     Args:
-        model: the network, in eval mode (``channel_relevance`` does this).
+        model: the network.
         inputs: an input batch ``[B, C, *spatial]``.
-        select: ``output -> 0/1 selection`` of what is explained (see ``relevance.targets``).
-        layers: ``{qualified name: conv / linear module}`` to score.
-        composite: a name in ``COMPOSITES`` or a zennit ``Composite`` instance.
-        epsilon: epsilon of the Epsilon rule.
-        canonizers: ``"auto"`` (the MONAI canonizers the model needs), ``None``, or a list of zennit canonizers.
-        stabilizer: stabiliser of the other rules.
+        select: ``output -> 0/1 selection`` of what is explained; default the predicted class (or, for
+            segmentation, every predicted foreground class over its predicted mask).
+        composite: a name in ``lrp_composites.LRP_COMPOSITES`` or a zennit ``Composite`` instance.
+        canonizers: ``"auto"``, ``None`` or a list of zennit canonizers.
+        epsilon, stabilizer: see ``make_composite``.
     """
-    _, grads = _propagate(model, inputs, select, layers, composite, epsilon, stabilizer, canonizers)
-    return {name: per_sample_channel_sum(layers[name], g) for name, g in grads.items() if name in layers}
+    if select is None:
+
+        def select(output: torch.Tensor) -> torch.Tensor:
+            return target_selection(output, None, "pred")
+
+    was_training = model.training
+    model.eval()
+    try:
+        relevance, _ = _propagate(model, inputs, select, {}, composite, epsilon, stabilizer, canonizers)
+    finally:
+        model.train(was_training)
+    return relevance
+
+
+def lrp_input_maps(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    selection: torch.Tensor,
+    composite: str | Composite | None = None,
+    **_: Any,
+) -> torch.Tensor:
+    """LRP input attribution maps of ``(selection * output)``, like ``inputs``, for the explanation report.
+
+    Args:
+        model: the network.
+        inputs: ``[B, C, *spatial]``.
+        selection: 0/1 selection of the output that is explained, of the output's shape.
+        composite: the composite of ``input_relevance`` (None: its default, epsilon-plus-flat).
+    """
+    kwargs = {} if composite is None else {"composite": composite}
+    return input_relevance(model, inputs, lambda output: selection.to(output.dtype), **kwargs)
 
 
 @contextmanager
@@ -693,40 +276,33 @@ def lrp_session(
         yield per_batch
 
 
-lrp.session = lrp_session
-
-
-def input_relevance(
+@register_method("lrp", shared_scale=True, input_maps=lrp_input_maps, session=lrp_session)
+def lrp(
     model: nn.Module,
     inputs: torch.Tensor,
-    select: SelectionFn | None = None,
-    composite: str | Composite = "epsilon_plus_flat",
-    canonizers: CanonizerSpec = "auto",
+    select: SelectionFn,
+    layers: dict[str, nn.Module],
+    composite: str | Composite = PRUNING_COMPOSITE,
     epsilon: float = 1e-6,
+    canonizers: CanonizerSpec = "auto",
     stabilizer: float = 1e-6,
-) -> torch.Tensor:
-    """LRP heatmap at the input (same shape as ``inputs``), e.g. for explanation maps in reports.
+    **_: Any,
+) -> dict[str, torch.Tensor]:
+    """LRP relevance of each output channel of ``layers``, per sample: ``{name: [B, C]}``.
 
-    The model is put in eval mode for the pass and restored afterwards.
+    Relevance at a layer's output, summed over spatial / token positions; the start relevance is
+    ``select(output) * output``. Each call applies and removes the canonizers and rule hooks; over many
+    batches, ``lrp_session`` (which ``channel_relevance`` uses) keeps them in place instead.
 
     Args:
-        model: the network.
+        model: the network, in eval mode (``channel_relevance`` does this).
         inputs: an input batch ``[B, C, *spatial]``.
-        select: ``output -> 0/1 selection`` of what is explained; default the predicted class (or, for
-            segmentation, every predicted foreground class over its predicted mask).
-        composite: a name in ``COMPOSITES`` or a zennit ``Composite`` instance.
-        canonizers: ``"auto"``, ``None`` or a list of zennit canonizers.
-        epsilon, stabilizer: see ``make_composite``.
+        select: ``output -> 0/1 selection`` of what is explained (see ``relevance.targets``).
+        layers: ``{qualified name: conv / linear module}`` to score.
+        composite: a name in ``lrp_composites.LRP_COMPOSITES`` or a zennit ``Composite`` instance.
+        epsilon: epsilon of the Epsilon rule.
+        canonizers: ``"auto"`` (the MONAI canonizers the model needs), ``None``, or a list of zennit canonizers.
+        stabilizer: stabiliser of the other rules.
     """
-    if select is None:
-
-        def select(output: torch.Tensor) -> torch.Tensor:
-            return target_selection(output, None, "pred")
-
-    was_training = model.training
-    model.eval()
-    try:
-        relevance, _ = _propagate(model, inputs, select, {}, composite, epsilon, stabilizer, canonizers)
-    finally:
-        model.train(was_training)
-    return relevance
+    _, grads = _propagate(model, inputs, select, layers, composite, epsilon, stabilizer, canonizers)
+    return {name: per_sample_channel_sum(layers[name], g) for name, g in grads.items() if name in layers}

@@ -22,33 +22,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_iaprune.relevance.collect import check_input_dims, split_batch
 from monai_iaprune.relevance.hooks import no_param_grad
+from monai_iaprune.relevance.registry import METHODS, input_map_methods
 from monai_iaprune.relevance.targets import TargetSpec, target_selection
+from monai_iaprune.utils.batch import (
+    check_input_dims,
+    first_output,
+    input_batches,
+    model_device,
+    plain_tensor,
+)
 
-MAP_METHODS = ("ig", "lrp")
 AttributionSpec = str | torch.Tensor | Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _plain(x: Any) -> torch.Tensor:
-    """A plain ``torch.Tensor`` (MONAI ``MetaTensor`` metadata is dropped: captum and masks need none)."""
-    x = torch.as_tensor(x)
-    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
-
-
-def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, (list, tuple)):  # deep supervision heads: the first output is the prediction
-        out = out[0]
-    return out
-
-
 class _EvalMode:
     """Put models in eval mode and restore their training flags afterwards."""
 
@@ -81,54 +69,8 @@ def explained_selection(
         A tensor of the output's shape, detached.
     """
     with torch.no_grad():
-        out = _forward(model, inputs)
+        out = first_output(model(inputs))
     return target_selection(out, label, target).detach()
-
-
-def _selected_score(model: nn.Module, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
-    """``(selection * output).sum`` per sample, ``[B]``: the scalar that is explained."""
-    out = _forward(model, x)
-    if out.shape != selection.shape:
-        raise ValueError(
-            f"selection of shape {tuple(selection.shape)} does not match the model output {tuple(out.shape)}"
-        )
-    return (out * selection).flatten(1).sum(1)
-
-
-def _ig_maps(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    selection: torch.Tensor,
-    n_steps: int,
-    baseline: float | torch.Tensor,
-    internal_batch_size: int | None,
-) -> torch.Tensor:
-    from captum.attr import IntegratedGradients
-
-    # the selection travels as an additional forward arg so captum repeats it for every IG step
-    ig = IntegratedGradients(lambda x, sel: _selected_score(model, x, sel))
-    base = baseline if isinstance(baseline, torch.Tensor) else torch.full_like(inputs, float(baseline))
-    return ig.attribute(
-        inputs,
-        baselines=base.to(inputs.device, inputs.dtype).expand_as(inputs),
-        additional_forward_args=(selection,),
-        n_steps=n_steps,
-        internal_batch_size=internal_batch_size,
-    )
-
-
-def _lrp_maps(
-    model: nn.Module, inputs: torch.Tensor, selection: torch.Tensor, composite: Any
-) -> torch.Tensor:
-    try:
-        from monai_iaprune.relevance.lrp import input_relevance
-    except ImportError as e:  # the LRP module is written separately; fail with a message that says so
-        raise NotImplementedError(
-            "method='lrp' needs monai_iaprune.relevance.lrp.input_relevance(model, inputs, select, composite=...), "
-            "which is not available in this installation; use method='ig'"
-        ) from e
-    kwargs = {} if composite is None else {"composite": composite}
-    return input_relevance(model, inputs, lambda output: selection.to(output.dtype), **kwargs)
 
 
 def attribution_maps(
@@ -150,7 +92,8 @@ def attribution_maps(
     Args:
         model: a 2D or 3D network (put in eval mode during the call, restored after).
         inputs: ``[B, C, *spatial]`` batch.
-        method: ``"ig"`` (Integrated Gradients, captum) or ``"lrp"`` (``relevance.lrp.input_relevance``).
+        method: a relevance method with input maps (``relevance.registry.input_map_methods()``): ``"ig"``
+            (Integrated Gradients, captum) or ``"lrp"`` (``relevance.lrp.input_relevance``).
         target: what is explained: ``"label"`` (needs ``label``, falls back to ``"pred"`` without one),
             ``"pred"``, a class index, or a callable ``(output, label) -> selection``. For segmentation
             outputs the class logit is summed over the class's mask.
@@ -166,26 +109,31 @@ def attribution_maps(
     Returns:
         The attribution, detached, on the inputs' device, float32.
     """
-    if method not in MAP_METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; use one of {MAP_METHODS}")
+    if method not in input_map_methods():
+        raise ValueError(f"unknown attribution method {method!r}; use one of {input_map_methods()}")
     if inputs.ndim < 3:
         raise ValueError(f"inputs must be [B, C, *spatial], got shape {tuple(inputs.shape)}")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     check_input_dims(model, inputs)
-    device = _model_device(model)
-    x = _plain(inputs).detach().to(device).float()
+    device = model_device(model)
+    x = plain_tensor(inputs).detach().to(device).float()
     with _EvalMode(model):
         sel = (
-            explained_selection(model, x, None if label is None else _plain(label).to(device), target)
+            explained_selection(model, x, None if label is None else plain_tensor(label).to(device), target)
             if selection is None
             else selection.detach().to(device).float()
         )
         with no_param_grad(model):
-            if method == "ig":
-                maps = _ig_maps(model, x, sel, n_steps, baseline, internal_batch_size)
-            else:
-                maps = _lrp_maps(model, x, sel, composite)
+            maps = METHODS[method].input_maps(
+                model,
+                x,
+                sel,
+                n_steps=n_steps,
+                baseline=baseline,
+                internal_batch_size=internal_batch_size,
+                composite=composite,
+            )
     maps = torch.as_tensor(maps).detach().float()
     if maps.shape != x.shape:
         raise RuntimeError(
@@ -338,21 +286,12 @@ def _iter_batches(
     max_samples: int | None,
     device: torch.device,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(inputs, label)`` batches, cut so at most ``max_samples`` samples are seen in total."""
+    """``input_batches`` of ``data``, which may also be a single batch (a tensor, a dict or an (image, label) pair)."""
     if isinstance(data, torch.Tensor) or isinstance(data, dict):
         data = [data]
     elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         data = [data]  # a single (image, label) batch
-    seen = 0
-    for batch in data:
-        if max_samples is not None and seen >= max_samples:
-            break
-        x, y = split_batch(batch, image_key, label_key)
-        x = _plain(x).to(device).float()
-        n = x.shape[0] if max_samples is None else min(x.shape[0], max_samples - seen)
-        y = None if y is None else _plain(y).to(device)[:n]
-        seen += n
-        yield x[:n], y
+    return input_batches(data, device, image_key, label_key, max_samples)
 
 
 def _explain_pair(
@@ -367,7 +306,7 @@ def _explain_pair(
     map_kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Inputs, labels, selections (from ``model_a``), maps of ``model_a`` and of ``model_b`` over ``data``."""
-    device = _model_device(model_a)
+    device = model_device(model_a)
     xs, ys, sels, ma, mb = [], [], [], [], []
     with _EvalMode(model_a, *([model_b] if model_b is not None else [])):
         for x, y in _iter_batches(data, image_key, label_key, max_samples, device):
@@ -377,7 +316,7 @@ def _explain_pair(
             if model_b is not None:
                 mb.append(
                     attribution_maps(
-                        model_b, x.to(_model_device(model_b)), method, selection=sel, **map_kwargs
+                        model_b, x.to(model_device(model_b)), method, selection=sel, **map_kwargs
                     ).cpu()
                 )
             xs.append(x.cpu())
@@ -481,7 +420,7 @@ def deletion_insertion_curves(
         raise ValueError(
             f"maps of shape {tuple(maps.shape)} do not match inputs of shape {tuple(inputs.shape)}"
         )
-    device = _model_device(model)
+    device = model_device(model)
     x = inputs.to(device).float()
     base = _baseline_like(x, baseline)
     score = maps.to(device).flatten(1).float()
@@ -496,8 +435,8 @@ def deletion_insertion_curves(
         for j in range(steps + 1):
             k = round(j / steps * n)
             mask = (rank < k).view(b, 1, *spatial)
-            deletion.append(_class_probability(_forward(model, torch.where(mask, base, x)), sel))
-            insertion.append(_class_probability(_forward(model, torch.where(mask, x, base)), sel))
+            deletion.append(_class_probability(first_output(model(torch.where(mask, base, x))), sel))
+            insertion.append(_class_probability(first_output(model(torch.where(mask, x, base))), sel))
     return torch.stack(deletion, 1).cpu(), torch.stack(insertion, 1).cpu()
 
 
@@ -548,18 +487,18 @@ def faithfulness(
         fractions (x values), deletion_curve, insertion_curve (mean curves), curves: {deletion, insertion}
         ([N, steps + 1] tensors), n_images}``.
     """
-    device = _model_device(model)
+    device = model_device(model)
     sel_model = model if selection_model is None else selection_model
-    if isinstance(attribution, str) and attribution not in MAP_METHODS:
+    if isinstance(attribution, str) and attribution not in input_map_methods():
         raise ValueError(
-            f"unknown attribution method {attribution!r}; use one of {MAP_METHODS}, a tensor or a callable"
+            f"unknown attribution method {attribution!r}; use one of {input_map_methods()}, a tensor or a callable"
         )
     dels, ins = [], []
     offset = 0
     with _EvalMode(model, sel_model):
         for x, y in _iter_batches(data, image_key, label_key, max_samples, device):
             check_input_dims(model, x)
-            sel = explained_selection(sel_model, x.to(_model_device(sel_model)), y, target).to(device)
+            sel = explained_selection(sel_model, x.to(model_device(sel_model)), y, target).to(device)
             if isinstance(attribution, torch.Tensor):
                 maps = attribution[offset : offset + x.shape[0]]
                 if maps.shape[0] != x.shape[0]:
@@ -705,7 +644,6 @@ def explanation_report(
 
 
 __all__ = [
-    "MAP_METHODS",
     "agreement_from_maps",
     "attribution_maps",
     "curve_auc",

@@ -1,0 +1,23 @@
+"""Helpers every layer of the package uses: reading batches, calling networks."""
+
+from monai_iaprune.utils.batch import (
+    FirstOutput,
+    check_input_dims,
+    first_output,
+    input_batches,
+    model_device,
+    plain_tensor,
+    spatial_dims,
+    split_batch,
+)
+
+__all__ = [
+    "FirstOutput",
+    "check_input_dims",
+    "first_output",
+    "input_batches",
+    "model_device",
+    "plain_tensor",
+    "spatial_dims",
+    "split_batch",
+]
