@@ -42,9 +42,9 @@ from monai.networks.nets.densenet import _DenseLayer
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
-from monai_iaprune.relevance.collect import plain_tensor, split_batch
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.targets import TargetSpec, target_selection
+from monai_iaprune.utils.batch import plain_tensor, split_batch
 
 try:
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
