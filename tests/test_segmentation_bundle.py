@@ -61,7 +61,8 @@ def test_synthetic_training_reaches_dice_floor_and_writes_checkpoint(tmp_path):
     assert nib.load(str(first)).header.get_zooms() == (1.0, 1.0, 2.0)
     with pytest.raises(RuntimeError) as err:  # initialize refuses to replace model.pt (MONAI wraps the error)
         _workflow(bundle, ["train.json"])
-    assert isinstance(err.value.__cause__, FileExistsError) and "refusing to overwrite" in str(err.value.__cause__)
+    cause = err.value.__cause__
+    assert isinstance(cause, FileExistsError) and "refusing to overwrite" in str(cause)
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
