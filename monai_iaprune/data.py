@@ -100,11 +100,14 @@ def synthetic_segmentation_nifti(
     split: str = "train",
     seed: int = 0,
     num_seg_classes: int = 1,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> list[dict[str, str]]:
     """Write 3D phantoms and their masks as NIfTI files (``create_test_image_3d``) and return the datalist.
 
-    Files already present with the same name are reused (the generator is deterministic for a seed), so
-    repeated runs do not rewrite them.
+    The files carry a real affine: voxel size ``spacing`` (mm) on the diagonal, so a bundle's ``Spacingd``
+    resamples them like acquired volumes (anisotropic ``spacing`` turns the voxel-grid spheres into
+    ellipsoids in physical space). Files already present with the same name are reused (the generator is
+    deterministic for a seed), so repeated runs do not rewrite them.
 
     Args:
         out_dir: folder to write ``{split}_{i:03d}_image.nii.gz`` / ``_label.nii.gz`` into (created if missing).
@@ -113,6 +116,7 @@ def synthetic_segmentation_nifti(
         split: ``"train"``, ``"val"`` or ``"test"``.
         seed: base random seed.
         num_seg_classes: foreground classes in the mask (labels ``1..num_seg_classes``, 0 is background).
+        spacing: voxel size in mm along the three axes, written into the NIfTI affine.
 
     Returns:
         ``[{"image": path, "label": path}, ...]``.
@@ -123,7 +127,12 @@ def synthetic_segmentation_nifti(
     _check_split(split)
     if num_samples < 1 or size < 8:
         raise ValueError(f"need num_samples >= 1 and size >= 8, got num_samples={num_samples}, size={size}")
-    out = Path(out_dir) / f"s{size}_c{num_seg_classes}_seed{seed}"
+    spacing = tuple(float(v) for v in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive voxel sizes (mm), got {spacing}")
+    affine = np.diag([*spacing, 1.0])
+    sp = "x".join(f"{v:g}" for v in spacing)
+    out = Path(out_dir) / f"s{size}_c{num_seg_classes}_seed{seed}_sp{sp}"
     out.mkdir(parents=True, exist_ok=True)
     rs = np.random.RandomState(_split_seed(split, seed))
     items = []
@@ -143,7 +152,7 @@ def synthetic_segmentation_nifti(
         for path, arr in ((ip, img.astype(np.float32)), (lp, seg.astype(np.uint8))):
             if not path.exists():
                 tmp = path.with_name(path.name.replace(".nii.gz", f".tmp{os.getpid()}.nii.gz"))
-                nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp))
+                nib.save(nib.Nifti1Image(arr, affine), str(tmp))
                 os.replace(tmp, path)
         items.append({"image": str(ip), "label": str(lp)})
     return items
@@ -522,6 +531,7 @@ def segmentation_datalist(
     seed: int = 0,
     num_seg_classes: int = 1,
     max_samples: int | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> list[dict[str, str]]:
     """The segmentation datalist (NIfTI paths) a bundle trains / evaluates on.
 
@@ -535,13 +545,14 @@ def segmentation_datalist(
         seed: synthetic seed.
         num_seg_classes: synthetic foreground classes.
         max_samples: keep at most this many items.
+        spacing: synthetic voxel size in mm (written into the NIfTI affine).
 
     Returns:
         A list of ``{"image": path, "label": path}`` dicts.
     """
     if dataset_dir in (None, "", "None", "null"):
         n = num_samples if split == "train" else max(2, num_samples // 2)
-        items = synthetic_segmentation_nifti(synthetic_dir, n, size, split, seed, num_seg_classes)
+        items = synthetic_segmentation_nifti(synthetic_dir, n, size, split, seed, num_seg_classes, spacing)
     else:
         items = load_datalist(_existing(dataset_dir), split)
     return items[:max_samples] if max_samples else items

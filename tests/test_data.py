@@ -55,6 +55,20 @@ def test_synthetic_segmentation_nifti_round_trip(tmp_path):
     assert all(__import__("os").stat(p).st_mtime_ns == t for p, t in mtime.items())  # reused, not rewritten
 
 
+def test_synthetic_segmentation_nifti_spacing(tmp_path):
+    import nibabel as nib
+
+    items = data.synthetic_segmentation_nifti(tmp_path, 1, size=16, spacing=(0.8, 0.8, 2.5))
+    for path in items[0].values():
+        img = nib.load(path)
+        np.testing.assert_allclose(np.diag(img.affine)[:3], [0.8, 0.8, 2.5])
+        assert img.shape == (16, 16, 16)
+    iso = data.synthetic_segmentation_nifti(tmp_path, 1, size=16)  # another spacing: other files, not reused
+    assert iso[0]["image"] != items[0]["image"]
+    with pytest.raises(ValueError, match="spacing must be three positive"):
+        data.synthetic_segmentation_nifti(tmp_path, 1, size=16, spacing=(1.0, 0.0, 1.0))
+
+
 def _fake_medmnist(path, shape, labels=None):
     rs = np.random.RandomState(0)
     arrays = {}
