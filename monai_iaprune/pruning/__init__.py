@@ -4,6 +4,7 @@ optimizer remap, pruned checkpoints, deployment exports and inference clean-up."
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
 from monai_iaprune.pruning.cost import ChannelCost, channel_costs
+from monai_iaprune.pruning.depth import DepthPruneResult, prune_depth, removed_block_names
 from monai_iaprune.pruning.export import export_onnx, export_torch_export
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
 from monai_iaprune.pruning.iterative import prune_iteratively, prune_step
@@ -27,6 +28,9 @@ from monai_iaprune.pruning.speed import (
 )
 
 __all__ = [
+    "DepthPruneResult",
+    "prune_depth",
+    "removed_block_names",
     "ChannelCost",
     "CostAwareImportance",
     "LatencyTable",
