@@ -190,3 +190,34 @@ def test_recorded_activations_are_freed_after_scoring():
     del rec, x
     gc.collect()
     assert activation() is None
+
+
+@pytest.mark.parametrize(
+    ("method", "typo", "accepted"),
+    [("lrp", "epsillon", "epsilon"), ("ig", "nsteps", "n_steps"), ("magnitude", "q", "p")],
+)
+def test_misspelt_method_setting_is_an_error_listing_the_accepted_names(method, typo, accepted):
+    """Issue #13: a misspelt relevance keyword was swallowed by the methods' ``**_`` and silently ignored."""
+    net = _cnn()
+    net(_data(2)[0])
+    with pytest.raises(ValueError, match=rf"takes no setting\(s\) \['{typo}'\].*'{accepted}'"):
+        channel_relevance(net, [_data(2)], method, progress=False, **{typo: 1})
+    channel_relevance(net, [_data(2)], method, progress=False, **{accepted: 2})  # the right name is taken
+
+
+def test_a_method_names_every_setting_it_takes():
+    from monai_iaprune.relevance.registry import register_method, unregister_method
+
+    @register_method("toy_any")
+    def toy(model, inputs, select, layers, scale: float = 1.0, **kwargs):
+        return {n: scale * torch.ones(inputs.shape[0], m.weight.shape[0]) for n, m in layers.items()}
+
+    try:
+        net = _cnn()
+        net(_data(2)[0])
+        rel = channel_relevance(net, [_data(2)], "toy_any", progress=False, scale=2.0)
+        assert set(rel) == {"0", "2", "5"} and float(rel["0"][0]) == 2.0
+        with pytest.raises(ValueError, match=r"\['anything'\].*\['scale'\]"):  # **kwargs is no licence
+            channel_relevance(net, [_data(2)], "toy_any", progress=False, anything=1)
+    finally:
+        unregister_method("toy_any")

@@ -87,12 +87,14 @@ def channel_relevance(
         device: where to run; default the model's device.
         max_batches: stop after this many batches.
         progress: show a tqdm progress bar.
-        method_kwargs: passed to the method (e.g. ``composite="epsilon_plus_flat"`` for LRP, ``n_steps`` for IG).
+        method_kwargs: passed to the method (e.g. ``composite="epsilon_plus_flat"`` for LRP, ``n_steps`` for IG);
+            a name the method does not take raises ValueError listing the accepted ones.
 
     Returns:
         ``ChannelRelevance``: ``{name: 1-D tensor [out_channels]}`` of mean relevance per sample.
     """
     spec = get_method(method)
+    spec.check_settings(method_kwargs)
     chosen = prunable_layers(model, layers)
     if not chosen:
         raise ValueError(f"{type(model).__name__} has no conv / linear layer to score")

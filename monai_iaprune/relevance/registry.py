@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,6 +64,28 @@ class RelevanceMethodSpec:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         return self.fn(*args, **kwargs)
+
+    def settings(self) -> tuple[str, ...]:
+        """The keyword settings the method takes: the named options of ``fn`` (after ``model, inputs, select,
+        layers``) and of ``session`` (after ``model, layers``). A ``**kwargs`` catch-all adds none: a method
+        names every setting it reads."""
+        names: list[str] = []
+        for func, skip in ((self.fn, 4), (self.session, 2)):
+            if func is None:
+                continue
+            params = list(inspect.signature(func).parameters.values())[skip:]
+            names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        return tuple(sorted(set(names)))
+
+    def check_settings(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise ValueError naming every key of ``kwargs`` the method does not take (a misspelt setting would
+        otherwise be ignored silently), with the accepted names."""
+        accepted = self.settings()
+        unknown = sorted(k for k in kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"relevance method {self.name!r} takes no setting(s) {unknown}; it accepts {list(accepted)}"
+            )
 
 
 METHODS: dict[str, RelevanceMethodSpec] = {}
