@@ -3,6 +3,7 @@ optimizer remap, pruned checkpoints and inference clean-up."""
 
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
+from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss, map_distance
 from monai_iaprune.pruning.importance import RelevanceImportance
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import (
@@ -22,6 +23,7 @@ from monai_iaprune.pruning.speed import (
 )
 
 __all__ = [
+    "ExplanationConsistencyLoss",
     "OneDNNConv",
     "OneDNNPool",
     "PruneResult",
@@ -31,6 +33,7 @@ __all__ = [
     "export_torchscript",
     "fold_batchnorm",
     "load_pruned",
+    "map_distance",
     "optimize_for_inference",
     "output_layers",
     "parameter_snapshot",

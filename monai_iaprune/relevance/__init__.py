@@ -9,11 +9,13 @@ from monai_iaprune.relevance.collect import (
     split_batch,
 )
 from monai_iaprune.relevance.layers import prunable_layers
+from monai_iaprune.relevance.differentiable_maps import DIFFERENTIABLE_EXPLAINERS
 from monai_iaprune.relevance.targets import target_selection
 
 __all__ = [
-    "METHODS",
     "ChannelRelevance",
+    "DIFFERENTIABLE_EXPLAINERS",
+    "METHODS",
     "channel_relevance",
     "check_input_dims",
     "prunable_layers",
