@@ -137,7 +137,9 @@ class ExplanationConsistencyHandler:
             teacher = copy.deepcopy(network).eval()
             teacher.requires_grad_(False)
             self.teacher = self.loss.teacher = teacher
-            self.logger.info(f"explanation consistency: teacher copied at the start of epoch {engine.state.epoch}")
+            self.logger.info(
+                f"explanation consistency: teacher copied at the start of epoch {engine.state.epoch}"
+            )
 
     def __call__(self, engine: Engine) -> None:
         """

@@ -41,7 +41,8 @@ def map_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "pearson") ->
         raise ValueError(f"unknown distance {distance!r}; use one of {DISTANCES}")
     if a.shape != b.shape:
         raise ValueError(f"maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    a, b = a.flatten(1).float(), b.flatten(1).float()
+    dtype = torch.promote_types(a.dtype, torch.float32)  # at least float32 (AMP maps may be half)
+    a, b = a.flatten(1).to(dtype), b.flatten(1).to(dtype)
     if distance == "pearson":
         a = a - a.mean(1, keepdim=True)
         b = b - b.mean(1, keepdim=True)
@@ -172,7 +173,8 @@ class ExplanationConsistencyLoss:
                 default: its eval-mode output from the explanation pass).
         """
         fn = DIFFERENTIABLE_EXPLAINERS[self.explainer]
-        x = torch.as_tensor(inputs).as_subclass(torch.Tensor).detach().float()  # MetaTensor -> plain tensor
+        x = torch.as_tensor(inputs).as_subclass(torch.Tensor).detach()  # MetaTensor -> plain tensor
+        x = x if x.is_floating_point() else x.float()
         lab = None if label is None else torch.as_tensor(label).as_subclass(torch.Tensor)
         picked: list[torch.Tensor] = []
 
@@ -189,9 +191,7 @@ class ExplanationConsistencyLoss:
             student_maps, student_eval_out = fn(
                 student, x, lambda out: selection, create_graph=True, **self.explainer_kwargs
             )
-        consistency = map_distance(
-            student_maps.sum(1), teacher_maps.detach().sum(1), self.distance
-        ).mean()
+        consistency = map_distance(student_maps.sum(1), teacher_maps.detach().sum(1), self.distance).mean()
         loss = consistency
         distill = None
         if self.distill_weight > 0:

@@ -145,7 +145,9 @@ def prune_to_min_agreement(
         raise ValueError(f"min_agreement must lie in (0, 1], got {min_agreement!r}")
     cands = sorted({float(r) for r in ratios}, reverse=True)
     if not cands or any(not (0.0 < r < 1.0) or math.isnan(r) for r in cands):
-        raise ValueError(f"ratios must be a non-empty list of numbers strictly between 0 and 1, got {ratios!r}")
+        raise ValueError(
+            f"ratios must be a non-empty list of numbers strictly between 0 and 1, got {ratios!r}"
+        )
     map_kwargs = dict(map_kwargs or {})
     device = next(model.parameters()).device
     x, y = _samples(data_val, max_samples, image_key, label_key)
@@ -172,7 +174,9 @@ def prune_to_min_agreement(
     tried: list[tuple[float, float]] = []
     for ratio in cands:
         candidate = copy.deepcopy(model)
-        result = prune(candidate, relevance, ratio, target=target, example_inputs=example_inputs, **prune_kwargs)
+        result = prune(
+            candidate, relevance, ratio, target=target, example_inputs=example_inputs, **prune_kwargs
+        )
         recalibrate_batchnorm(
             candidate,
             calibration,
