@@ -6,7 +6,6 @@ import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
-import torch
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import

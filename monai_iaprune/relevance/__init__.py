@@ -8,8 +8,8 @@ from monai_iaprune.relevance.collect import (
     register_method,
     split_batch,
 )
-from monai_iaprune.relevance.layers import prunable_layers
 from monai_iaprune.relevance.differentiable_maps import DIFFERENTIABLE_EXPLAINERS
+from monai_iaprune.relevance.layers import prunable_layers
 from monai_iaprune.relevance.targets import target_selection
 
 __all__ = [

@@ -1,6 +1,10 @@
 """Reports of a pruning run: the prune report, explanation agreement and faithfulness, and figures."""
 
-from monai_iaprune.report.explanation_budget import AgreementBudget, AgreementNotReached, prune_to_min_agreement
+from monai_iaprune.report.explanation_budget import (
+    AgreementBudget,
+    AgreementNotReached,
+    prune_to_min_agreement,
+)
 from monai_iaprune.report.explanations import (
     agreement_from_maps,
     attribution_maps,
