@@ -5,6 +5,7 @@ from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
 from monai_iaprune.pruning.cost import ChannelCost, channel_costs
 from monai_iaprune.pruning.depth import DepthPruneResult, prune_depth, removed_block_names
+from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss, map_distance
 from monai_iaprune.pruning.export import export_onnx, export_torch_export
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
 from monai_iaprune.pruning.iterative import prune_iteratively, prune_step
@@ -39,6 +40,7 @@ __all__ = [
     "measure_latency_table",
     "prune_iteratively",
     "prune_step",
+    "ExplanationConsistencyLoss",
     "OneDNNConv",
     "OneDNNPool",
     "PruneResult",
@@ -50,6 +52,7 @@ __all__ = [
     "export_torchscript",
     "fold_batchnorm",
     "load_pruned",
+    "map_distance",
     "optimize_for_inference",
     "output_layers",
     "parameter_snapshot",

@@ -72,7 +72,9 @@ class _Calls:
         # act_mod, also conv_final.1) counts twice in count_macs; count it the same way
         self.occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         counted = tuple(op_counter.MODULES_MAPPING)
-        self._handles = [m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, counted)]
+        self._handles = [
+            m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, counted)
+        ]
 
     def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
@@ -86,7 +88,9 @@ class _Calls:
             h.remove()
 
 
-def _group_saving(pruner: tp.pruner.MetaPruner, group, calls: _Calls, names: Mapping[Any, str]) -> ChannelCost:
+def _group_saving(
+    pruner: tp.pruner.MetaPruner, group, calls: _Calls, names: Mapping[Any, str]
+) -> ChannelCost:
     dg = pruner.DG
     per_module: dict[nn.Module, list] = {}
     touched_fns = set()
@@ -98,7 +102,9 @@ def _group_saving(pruner: tp.pruner.MetaPruner, group, calls: _Calls, names: Map
         if node.grad_fn is not None:
             touched_fns.add(node.grad_fn)
         if isinstance(node.module, PRUNABLE_TYPES):
-            (out_layers if dg.is_out_channel_pruning_fn(dep.handler) else in_layers).append(names[node.module])
+            (out_layers if dg.is_out_channel_pruning_fn(dep.handler) else in_layers).append(
+                names[node.module]
+            )
     params = 0
     macs = 0
     for module, edits in per_module.items():
@@ -125,7 +131,9 @@ def _group_saving(pruner: tp.pruner.MetaPruner, group, calls: _Calls, names: Map
         saved = _module_macs(module, [shape], None, 0) - _module_macs(module, [shape], None, removed)
         macs += saved * calls.occurrences[id(module)]
     unit = max(1, pruner._get_channel_groups(group))
-    return ChannelCost(params / unit, macs / unit, unit, tuple(dict.fromkeys(out_layers)), tuple(dict.fromkeys(in_layers)))
+    return ChannelCost(
+        params / unit, macs / unit, unit, tuple(dict.fromkeys(out_layers)), tuple(dict.fromkeys(in_layers))
+    )
 
 
 def channel_costs(
@@ -174,7 +182,9 @@ def channel_costs(
         try:
             pruner = tp.pruner.MetaPruner(
                 meta,
-                (x,),  # a bare tensor is first tried as model(*x), an unbatched forward the hooks would record
+                (
+                    x,
+                ),  # a bare tensor is first tried as model(*x), an unbatched forward the hooks would record
                 importance=tp.importance.MagnitudeImportance(),
                 ignored_layers=ignored,
                 **extra,
@@ -183,7 +193,9 @@ def channel_costs(
             calls.remove()  # before members are copied: the hooks hold the recorded autograd nodes
         costs = {}
         dg = pruner.DG
-        for full in dg.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        for full in dg.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+        ):
             dep = full[0].dep
             root = dep.target.module
             if not isinstance(root, PRUNABLE_TYPES) or not dg.is_out_channel_pruning_fn(dep.handler):

@@ -96,14 +96,29 @@ def prune_iteratively(
         step_keep = min((keep_total / kept) ** (1.0 / (steps - k)), 1.0 - 1e-6)
         if target == "latency":
             result = prune_step(
-                model, data, method, 0.5, target=target, speedup=1.0 / step_keep, relevance_kwargs=relevance_kwargs,
-                recalibrate_bn=recalibrate_bn, bn_batches=bn_batches, **prune_kwargs,
+                model,
+                data,
+                method,
+                0.5,
+                target=target,
+                speedup=1.0 / step_keep,
+                relevance_kwargs=relevance_kwargs,
+                recalibrate_bn=recalibrate_bn,
+                bn_batches=bn_batches,
+                **prune_kwargs,
             )
             kept /= result.latency_estimated_speedup
         else:
             result = prune_step(
-                model, data, method, 1.0 - step_keep, target=target, relevance_kwargs=relevance_kwargs,
-                recalibrate_bn=recalibrate_bn, bn_batches=bn_batches, **prune_kwargs,
+                model,
+                data,
+                method,
+                1.0 - step_keep,
+                target=target,
+                relevance_kwargs=relevance_kwargs,
+                recalibrate_bn=recalibrate_bn,
+                bn_batches=bn_batches,
+                **prune_kwargs,
             )
             kept *= 1.0 - (result.params_removed if target == "params" else result.macs_removed)
         results.append(result)

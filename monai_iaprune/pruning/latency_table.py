@@ -89,8 +89,12 @@ def _resized(layer: nn.Module, cin: int, cout: int) -> nn.Module:
     if groups > 1:  # depthwise stays depthwise; other grouped convs keep their group count
         groups = cin if groups == layer.in_channels else groups
     kwargs = dict(
-        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=groups,
-        bias=layer.bias is not None, padding_mode=layer.padding_mode,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
     )
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         kwargs["output_padding"] = layer.output_padding
@@ -265,6 +269,7 @@ def measure_latency_table(
     entries = cache.setdefault(key, {})
     shapes: dict[str, torch.Size] = {}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+
     def record(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             shapes.setdefault(name, args[0].shape)
@@ -301,7 +306,9 @@ def measure_latency_table(
                     row.append(_time_call(layer, torch.randn(shape, device=device), device, repeats))
                 seconds.append(row)
             entries[_signature(m, shapes[name], fractions, repeats)] = {
-                "in_channels": grid_in, "out_channels": grid_out, "seconds": _cummax(seconds)
+                "in_channels": grid_in,
+                "out_channels": grid_out,
+                "seconds": _cummax(seconds),
             }
             changed = True
         if net_key not in entries:

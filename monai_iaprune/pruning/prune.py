@@ -386,9 +386,13 @@ def prune(
         if latency_device is None:
             latency_device = example_inputs.device
         if latency_table is None:
-            latency_table = measure_latency_table(model, example_inputs, device=latency_device, threads=threads)
+            latency_table = measure_latency_table(
+                model, example_inputs, device=latency_device, threads=threads
+            )
         latency_estimate_before = latency_table.estimate_model(model)
-        latency_before = measure_latency(copy.deepcopy(model), example_inputs, device=latency_device, threads=threads)
+        latency_before = measure_latency(
+            copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
+        )
     if cost_aware:
         costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
         unit_cost = {}
@@ -431,13 +435,17 @@ def prune(
             )
         except ValueError as e:
             if target == "latency":
-                raise ValueError(f"speedup {speedup} is not reachable (estimated from the latency table): {e}") from None
+                raise ValueError(
+                    f"speedup {speedup} is not reachable (estimated from the latency table): {e}"
+                ) from None
             raise
     history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *args[2:])
     latency_after = estimated_speedup = None
     if target == "latency":
         estimated_speedup = latency_estimate_before / latency_table.estimate_model(model)
-        latency_after = measure_latency(copy.deepcopy(model), example_inputs, device=latency_device, threads=threads)
+        latency_after = measure_latency(
+            copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
+        )
     model.train(was_training)
     channels_after = _layer_channels(model)
     emptied = [n for n, c in channels_after.items() if c == 0]

@@ -6,6 +6,7 @@ Importing this package imports every method module, and each registers itself in
 from monai_iaprune.relevance import backtrace, baselines, conductance, lrp  # noqa: F401  (register the methods)
 from monai_iaprune.relevance.blocks import BlockRelevance, block_relevance, find_blocks, removable_blocks
 from monai_iaprune.relevance.collect import ChannelRelevance, channel_relevance
+from monai_iaprune.relevance.differentiable_maps import DIFFERENTIABLE_EXPLAINERS
 from monai_iaprune.relevance.layers import prunable_layers
 from monai_iaprune.relevance.registry import (
     METHODS,
@@ -23,6 +24,7 @@ __all__ = [
     "ChannelRelevance",
     "RelevanceMethodSpec",
     "block_relevance",
+    "DIFFERENTIABLE_EXPLAINERS",
     "channel_relevance",
     "find_blocks",
     "get_method",

@@ -1,5 +1,10 @@
 """Reports of a pruning run: the prune report, explanation agreement and faithfulness, and figures."""
 
+from monai_iaprune.report.explanation_budget import (
+    AgreementBudget,
+    AgreementNotReached,
+    prune_to_min_agreement,
+)
 from monai_iaprune.report.explanations import (
     agreement_from_maps,
     attribution_maps,
@@ -29,6 +34,8 @@ from monai_iaprune.report.prune_report import (
 )
 
 __all__ = [
+    "AgreementBudget",
+    "AgreementNotReached",
     "agreement_from_maps",
     "attribution_maps",
     "curve_auc",
@@ -46,6 +53,7 @@ __all__ = [
     "plot_faithfulness_curves",
     "plot_heatmap_overlays",
     "plot_relevance_distribution",
+    "prune_to_min_agreement",
     "render_markdown",
     "spearman_correlation",
     "top_fraction_iou",

@@ -1,0 +1,166 @@
+"""Trainer handler: add an explanation-consistency term (pruned student vs unpruned teacher) to the training loss."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any
+
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from monai.utils import IgniteInfo, min_version, optional_import
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import(
+        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
+    )
+
+__all__ = ["ExplanationConsistencyHandler"]
+
+
+class ExplanationConsistencyHandler:
+    """
+    ExplanationConsistencyHandler acts as an Ignite handler that adds ``weight * consistency`` to a MONAI
+    ``SupervisedTrainer``'s loss, where ``consistency`` (``pruning.explanation_consistency``) is the distance
+    between the trained network's input attribution maps and those of a frozen copy of the unpruned network.
+
+    It runs at ``IterationEvents.LOSS_COMPLETED``, which the trainer fires after computing
+    ``engine.state.output[Keys.LOSS]`` and before ``backward()``; it reads ``Keys.IMAGE`` / ``Keys.LABEL`` from
+    ``engine.state.output``, replaces ``Keys.LOSS`` by the sum, and stores the unweighted term as
+    ``engine.state.output["explanation_consistency"]`` (per iteration) and its running mean over the epoch as
+    ``engine.state.metrics["explanation_consistency"]``.
+
+    With a ``RelevancePruningHandler`` in the same trainer the teacher must be the *unpruned* network: by default
+    it is a deep copy of ``engine.network`` taken at the start of epoch ``teacher_epoch`` (default 1, before the
+    first training step; ``EPOCH_STARTED`` of an epoch comes after every ``EPOCH_COMPLETED`` handler of the
+    previous one), so ``teacher_epoch`` must not be later than the first pruning epoch. The term is added from
+    epoch ``start_epoch`` on (default ``teacher_epoch``); set it to the epoch after the first pruning stage to
+    spend no time while student and teacher are still the same network.
+
+    Args:
+        weight: weight of the term in the loss (> 0).
+        explainer: differentiable explainer the student is fitted with: ``"grad_x_input"`` (default) or ``"ig"``
+            (few steps, ``explainer_kwargs={"n_steps": 4}``). Evaluate agreement with another one (captum IG,
+            LRP: ``report.explanations``), since the student is trained to match this one.
+        teacher: the unpruned network to match; default a frozen deep copy of the trainer's network taken at
+            ``teacher_epoch``. A given teacher is used as is (not copied; its parameters get no gradient).
+        teacher_epoch: epoch at whose start the teacher copy is taken when ``teacher`` is None.
+        start_epoch: first epoch in which the term is added (default ``teacher_epoch``).
+        target: what is explained (``relevance.targets``): ``"label"`` (default), ``"pred"``, a class index, ...
+        distance: ``"pearson"`` (default) or ``"cosine"``, see ``map_distance``.
+        distill_weight: weight of an extra logit distillation term from the teacher (0: off), on the trainer's
+            ``Keys.PRED``.
+        temperature: distillation temperature.
+        explainer_kwargs: passed to the explainer (``n_steps``, ``baseline``).
+        name: logger name; default the engine's logger.
+
+    Note:
+        The extra pass is a forward and a double backward of the student (``grad_x_input``), about 2-3x a
+        training step's cost, plus a forward and backward of the teacher. Under ``DistributedDataParallel`` the
+        explanation pass would bypass the wrapper's gradient all-reduce and ranks would drift apart: the handler
+        raises rather than train that way. The teacher is not part of ``state_dict``; after resuming past
+        ``teacher_epoch`` pass ``teacher`` explicitly.
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        explainer: str = "grad_x_input",
+        teacher: nn.Module | None = None,
+        teacher_epoch: int = 1,
+        start_epoch: int | None = None,
+        target: Any = "label",
+        distance: str = "pearson",
+        distill_weight: float = 0.0,
+        temperature: float = 1.0,
+        explainer_kwargs: dict | None = None,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not float(weight) > 0:
+            raise ValueError(f"weight must be a number > 0, got {weight!r}")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+        if isinstance(teacher_epoch, bool) or not isinstance(teacher_epoch, int) or teacher_epoch < 1:
+            raise ValueError(f"teacher_epoch must be a positive integer, got {teacher_epoch!r}")
+        start_epoch = teacher_epoch if start_epoch is None else start_epoch
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
+            raise ValueError(f"start_epoch must be a positive integer, got {start_epoch!r}")
+        if teacher is None and start_epoch < teacher_epoch:
+            raise ValueError(
+                f"start_epoch={start_epoch} comes before teacher_epoch={teacher_epoch}: there is no teacher yet"
+            )
+        self.weight = float(weight)
+        self.teacher_epoch = teacher_epoch
+        self.start_epoch = start_epoch
+        # validates explainer, distance, distill_weight, temperature; the teacher is set below or at teacher_epoch
+        self.loss = ExplanationConsistencyLoss(
+            teacher if teacher is not None else nn.Identity(),
+            explainer=explainer,
+            target=target,
+            distance=distance,
+            distill_weight=distill_weight,
+            temperature=temperature,
+            explainer_kwargs=explainer_kwargs,
+        )
+        self.teacher = teacher
+        self.logger = logging.getLogger(name)
+        self._name = name
+        self._sum, self._count = 0.0, 0
+
+    def attach(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: a MONAI ``SupervisedTrainer`` (fires ``IterationEvents.LOSS_COMPLETED``).
+        """
+        if self._name is None:
+            self.logger = engine.logger
+        if engine.has_event_handler(self, IterationEvents.LOSS_COMPLETED):
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def epoch_started(self, engine: Engine) -> None:
+        """Take the teacher copy at ``teacher_epoch`` and reset the epoch's running mean."""
+        self._sum, self._count = 0.0, 0
+        if self.teacher is None and engine.state.epoch == self.teacher_epoch:
+            network = engine.network
+            if isinstance(network, (DataParallel, DistributedDataParallel)):
+                network = network.module
+            teacher = copy.deepcopy(network).eval()
+            teacher.requires_grad_(False)
+            self.teacher = self.loss.teacher = teacher
+            self.logger.info(
+                f"explanation consistency: teacher copied at the start of epoch {engine.state.epoch}"
+            )
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the trainer, between loss computation and ``backward()``.
+        """
+        if engine.state.epoch < self.start_epoch:
+            return
+        if self.teacher is None:
+            raise RuntimeError(
+                f"no teacher at epoch {engine.state.epoch}: the copy is taken at the start of epoch "
+                f"{self.teacher_epoch} (resumed later?); pass teacher= explicitly"
+            )
+        if isinstance(engine.network, DistributedDataParallel):
+            raise NotImplementedError(
+                "ExplanationConsistencyHandler does not support DistributedDataParallel yet: its gradients would "
+                "not be all-reduced"
+            )
+        out = engine.state.output
+        term = self.loss(engine.network, out[Keys.IMAGE], out[Keys.LABEL], student_output=out.get(Keys.PRED))
+        out[Keys.LOSS] = out[Keys.LOSS] + self.weight * term
+        value = float(term.detach())
+        out["explanation_consistency"] = value
+        self._sum, self._count = self._sum + value, self._count + 1
+        engine.state.metrics["explanation_consistency"] = self._sum / self._count

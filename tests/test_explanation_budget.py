@@ -1,0 +1,80 @@
+"""Explanation budget: the largest pruning ratio whose IG maps still agree with the unpruned network's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import ResNet
+from torch import nn
+
+from monai_iaprune.report.explanation_budget import AgreementNotReached, prune_to_min_agreement
+from monai_iaprune.report.explanations import explanation_agreement
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ResNet(
+        "basic",
+        [1, 1, 1, 1],
+        [8, 8, 16, 16],
+        spatial_dims=2,
+        n_input_channels=1,
+        num_classes=2,
+        conv1_t_size=3,
+        no_max_pool=True,
+    )
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 1, 12, 12, generator=g), torch.tensor([0, 1, 0, 1, 0, 1])
+
+
+def _relevance(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: m.weight.detach().abs().flatten(1).sum(1)
+        for n, m in net.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+
+
+def test_returns_the_largest_ratio_at_or_above_the_threshold():
+    net = tiny_resnet().eval()
+    x, y = _data()
+    rel = _relevance(net)
+    ratios = (0.2, 0.6, 0.4)
+    # a threshold under the agreement of the mildest candidate, so some candidate passes
+    loose = prune_to_min_agreement(
+        net, rel, (x, y), 0.01, "ig", ratios, "channels", map_kwargs={"n_steps": 4}
+    )
+    tried = dict(loose.tried)
+    assert list(tried) == sorted(tried, reverse=True)[: len(tried)]  # descending, stops at the first pass
+    assert loose.agreement >= 0.01 and tried[loose.ratio] == loose.agreement
+    assert all(a < 0.01 for r, a in loose.tried[:-1])
+    assert sum(p.numel() for p in loose.model.parameters()) < sum(p.numel() for p in net.parameters())
+    # the model handed back is the one measured: its agreement on the same data is the reported one
+    again = explanation_agreement(net, loose.model, (x, y), "ig", n_steps=4, max_samples=None)
+    assert again["spearman_median"] == pytest.approx(loose.agreement, abs=1e-6)
+    # never below the threshold: asking for more than any candidate reached raises and names the best
+    best = max(a for _, a in loose.tried)
+    with pytest.raises(AgreementNotReached, match="best reached was"):
+        prune_to_min_agreement(net, rel, (x, y), 1.0, "ig", (0.2,), "channels", map_kwargs={"n_steps": 4})
+    assert best <= 1.0
+    # the input model is left unpruned
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in tiny_resnet().parameters())
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), True])
+def test_threshold_outside_unit_interval(bad):
+    net = tiny_resnet()
+    with pytest.raises(ValueError, match="min_agreement"):
+        prune_to_min_agreement(net, _relevance(net), _data(), bad)
+
+
+def test_unknown_explainer_and_bad_ratios():
+    net = tiny_resnet()
+    with pytest.raises(ValueError, match="unknown explainer"):
+        prune_to_min_agreement(net, _relevance(net), _data(), 0.9, explainer="grad_cam")
+    for ratios in ((), (0.0, 0.5), (1.0,)):
+        with pytest.raises(ValueError, match="ratios"):
+            prune_to_min_agreement(net, _relevance(net), _data(), 0.9, ratios=ratios)
