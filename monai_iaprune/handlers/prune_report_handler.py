@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_iaprune.distributed import rank
-from monai_iaprune.pruning.prune import count_macs, count_params
-from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 from monai_iaprune.report.explanations import MAP_METHODS
-from monai_iaprune.report.prune_report import measure_latency, package_versions, write_prune_report
+from monai_iaprune.report.prune_report import Measurement, PruneReport, write_prune_report
+from monai_iaprune.utils.ddp import rank, unwrap_network
+from monai_iaprune.utils.settings import as_bool
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -42,7 +41,8 @@ class PruneReportHandler:
     """Record a pruning trainer's before / pruned / after state and write ``prune_report.json`` + ``.md``.
 
     Attach it to the trainer that carries a ``RelevancePruningHandler``, *before* that handler (ignite runs
-    handlers of one event in the order they were attached): at the end of the first pruning epoch it runs
+    handlers of one event in the order they were attached): at the end of the first pruning epoch (when the
+    trainer starts if that epoch is 0) it runs
     ``evaluator``, measures params, MACs and latency of the still unpruned network and keeps a frozen copy of
     it; when training ends it runs ``evaluator`` again, measures the pruned, fine-tuned network, compares the
     two networks' input explanations (``monai_iaprune.report.explanations.explanation_report`` on the
@@ -54,7 +54,8 @@ class PruneReportHandler:
     Args:
         evaluator: a MONAI ``SupervisedEvaluator`` over validation data, sharing the trainer's network.
         output_dir: folder for ``prune_report.json`` / ``prune_report.md``.
-        example_inputs: one input batch for MACs and latency (e.g. ``torch.rand(1, 1, 32, 32)``).
+        example_inputs: one input batch for MACs and latency (e.g. ``torch.rand(1, 1, 32, 32)``); None: the
+            pruning handler's example input (the first sample it explains, e.g. a sliding-window patch).
         pruning_handler: the ``RelevancePruningHandler`` attached to the same trainer (for ``prune_epochs``,
             ``method``, ``ratio``, ``stages``, per-stage ``history`` and ``last_relevance``).
         key_metric: evaluator metric to report; default the evaluator's key metric.
@@ -86,7 +87,7 @@ class PruneReportHandler:
         self,
         evaluator: Any,
         output_dir: str,
-        example_inputs: torch.Tensor,
+        example_inputs: torch.Tensor | None = None,
         pruning_handler: Any = None,
         key_metric: str | None = None,
         latency_warmup: int = 3,
@@ -101,7 +102,9 @@ class PruneReportHandler:
     ) -> None:
         if evaluator is None or not hasattr(evaluator, "run"):
             raise ValueError("evaluator must be a MONAI evaluator (an ignite Engine with run())")
-        if not isinstance(example_inputs, torch.Tensor):
+        if example_inputs is None and not hasattr(pruning_handler, "example_input"):
+            raise TypeError("example_inputs is None and there is no pruning_handler to take the example from")
+        if example_inputs is not None and not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
         if explain_method not in MAP_METHODS:
             raise ValueError(f"unknown explain_method {explain_method!r}; use one of {MAP_METHODS}")
@@ -120,13 +123,13 @@ class PruneReportHandler:
         self.latency_repeats = latency_repeats
         self.settings = dict(settings or {})
         self.name = name
-        self.explain = bool(explain)
+        self.explain = as_bool(explain, "explain")
         self.explain_method = explain_method
         self.explain_kwargs = {**EXPLAIN_DEFAULTS, **explain_kwargs}
         self.figures_dir = str(figures_dir)
         self.tensorboard_writer = tensorboard_writer
         self.timings_s: dict[str, float] = {}
-        self.before: dict[str, Any] | None = None
+        self.before: Measurement | None = None
         self.report: dict[str, Any] | None = None
         self.unpruned: torch.nn.Module | None = None
         self._finished = False
@@ -139,7 +142,7 @@ class PruneReportHandler:
         if id(engine) in self._attached:
             return
         self._attached.add(id(engine))
-        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.STARTED, self._started)  # before a pruning handler's STARTED stage
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self)
@@ -162,28 +165,16 @@ class PruneReportHandler:
         self.key_metric = key
         return float(metrics[key])
 
-    def _measure(self, network: torch.nn.Module) -> dict[str, Any]:
+    def _measure(self, engine: Engine, network: torch.nn.Module, metric: float | None) -> Measurement:
         t0 = time.perf_counter()
-        device = next(network.parameters()).device
-        x = self.example_inputs.to(device)
-        out = {
-            "params": count_params(network),
-            "macs": count_macs(network, x),
-            "latency": measure_latency(network, x, warmup=self.latency_warmup, repeats=self.latency_repeats),
-            "channels": {
-                n: out_channels(m) for n, m in network.named_modules() if isinstance(m, PRUNABLE_TYPES)
-            },
-        }
+        if self.example_inputs is None:
+            self.example_inputs = self.pruning_handler.example_input(engine).detach().cpu()
+        m = Measurement.of(network, self.example_inputs, metric, self.latency_warmup, self.latency_repeats)
         self._add_time("latency_and_counts", time.perf_counter() - t0)
-        return out
+        return m
 
     def _add_time(self, phase: str, seconds: float) -> None:
         self.timings_s[phase] = self.timings_s.get(phase, 0.0) + float(seconds)
-
-    @staticmethod
-    def _network(engine: Engine) -> torch.nn.Module:
-        net = engine.network
-        return net.module if hasattr(net, "module") and isinstance(net.module, torch.nn.Module) else net
 
     def _figures(self, engine: Engine, network: torch.nn.Module, report: dict[str, Any]) -> None:
         """Explanation metrics + all PNG files into ``report`` (and the metrics into ``engine.state.metrics``)."""
@@ -239,6 +230,8 @@ class PruneReportHandler:
     # -- events -------------------------------------------------------------------------------------------------------
     def _started(self, engine: Engine) -> None:
         self._run_t0 = time.perf_counter()
+        if self.before is None and self._first_prune_epoch() == 0:
+            self._snapshot(engine)
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_t0 = time.perf_counter()
@@ -256,8 +249,11 @@ class PruneReportHandler:
             # finish before later handlers of this event (StatsHandler) log engine.state.metrics
             self._finish(engine)
             return
-        if self.before is not None or epoch != self._first_prune_epoch():
-            return
+        if self.before is None and epoch == self._first_prune_epoch():
+            self._snapshot(engine)
+
+    def _snapshot(self, engine: Engine) -> None:
+        """Evaluate and measure the still unpruned network (and keep a frozen copy of it to explain later)."""
         if getattr(self.pruning_handler, "history", None):
             raise RuntimeError(
                 "PruneReportHandler must be attached before RelevancePruningHandler (it pruned first)"
@@ -265,17 +261,15 @@ class PruneReportHandler:
         t0 = time.perf_counter()
         metric = self._evaluate()
         self._add_time("evaluate_before", time.perf_counter() - t0)
-        network = self._network(engine)
-        self.before = {"metric": metric, **self._measure(network)}
+        network = unwrap_network(engine.network)
+        self.before = self._measure(engine, network, metric)
         if self.explain and rank() == 0:
             # a frozen copy of the unpruned network, to compare explanations with once training has ended
             self.unpruned = copy.deepcopy(network).eval()
             for p in self.unpruned.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-        engine.logger.info(
-            f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before['params']}"
-        )
+        engine.logger.info(f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before.params}")
 
     def __call__(self, engine: Engine) -> None:
         """At COMPLETED: write the report unless it was written at the end of the last epoch."""
@@ -293,40 +287,26 @@ class PruneReportHandler:
         t0 = time.perf_counter()
         metric_after = self._evaluate()
         self._add_time("evaluate_after", time.perf_counter() - t0)
-        network = self._network(engine)
-        after = self._measure(network)
+        network = unwrap_network(engine.network)
+        after = self._measure(engine, network, metric_after)
         history = list(getattr(self.pruning_handler, "history", None) or [])
         for phase, key in (("relevance", "relevance_time_s"), ("prune", "prune_time_s")):
             vals = [h.get(key) for h in history if h.get(key) is not None]
             if vals:
                 self.timings_s[phase] = float(sum(vals))
         ph = self.pruning_handler
-        before_ch, after_ch = self.before["channels"], after["channels"]
-        report: dict[str, Any] = {
-            "method": getattr(ph, "method", self.settings.get("method")),
-            "ratio": getattr(ph, "ratio", self.settings.get("ratio")),
-            "stages": getattr(ph, "stages", self.settings.get("stages")),
-            **{k: v for k, v in self.settings.items() if k not in ("method", "ratio", "stages")},
-            "params_before": self.before["params"],
-            "params_after": after["params"],
-            "params_removed": 1.0 - after["params"] / max(self.before["params"], 1),
-            "macs_before": self.before["macs"],
-            "macs_after": after["macs"],
-            "macs_removed": 1.0 - after["macs"] / max(self.before["macs"], 1.0),
-            "latency_ms_before": self.before["latency"]["median_ms"],
-            "latency_ms_after": after["latency"]["median_ms"],
-            "latency": {k: v for k, v in after["latency"].items() if not k.endswith("_ms")},
-            "latency_detail": {"before": self.before["latency"], "after": after["latency"]},
-            "metric_name": self.key_metric,
-            "metric_before": self.before["metric"],
-            "metric_pruned": history[-1].get("metric_pruned") if history else None,
-            "metric_after": metric_after,
-            "per_layer": [
-                {"name": n, "channels_before": c, "channels_after": after_ch.get(n, 0)}
-                for n, c in before_ch.items()
-            ],
-            "stages_detail": [{k: v for k, v in h.items() if k != "per_layer"} for h in history],
-        }
+        built = PruneReport(
+            method=getattr(ph, "method", self.settings.get("method")),
+            ratio=getattr(ph, "ratio", self.settings.get("ratio")),
+            stages=getattr(ph, "stages", self.settings.get("stages")),
+            metric_name=self.key_metric,
+            before=self.before,
+            after=after,
+            stages_detail=history,
+            settings=self.settings,
+            relevance_input_shape=list(self.example_inputs.shape),
+        )
+        report = built.to_dict()
         # under torch.distributed every rank measures (the evaluator is collective); rank 0 explains and writes
         if rank() == 0:
             try:
@@ -336,7 +316,6 @@ class PruneReportHandler:
                 report["figures_error"] = f"{type(e).__name__}: {e}"
         self.timings_s["prune_trainer_total"] = time.perf_counter() - self._run_t0
         report["timings_s"] = dict(self.timings_s)
-        report["versions"] = package_versions()
         self.report = report
         if rank() > 0:
             return
