@@ -20,6 +20,7 @@ from monai_iaprune.utils.ddp import (
     rewrap_ddp,
     set_log_level,
     unwrap_network,
+    world_size,
     wrap_ddp,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "rewrap_ddp",
     "set_log_level",
     "unwrap_network",
+    "world_size",
     "wrap_ddp",
 ]

@@ -33,11 +33,11 @@ from monai_iaprune.handlers import (
     RelevanceCollector,
     RelevancePruningHandler,
 )
-from monai_iaprune.handlers.patch_output_transform import PATCH_MODES
+from monai_iaprune.handlers.patch_output_transform import PATCH_MODES, PatchedBatches
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.prune import count_params
 from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded
-from monai_iaprune.utils.ddp import barrier, is_main_process, unwrap_network
+from monai_iaprune.utils.ddp import barrier, is_main_process, unwrap_network, world_size
 from monai_iaprune.utils.settings import check_non_negative_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -51,6 +51,7 @@ __all__ = [
     "check_host_config",
     "evaluate_pruned",
     "evaluator_collector",
+    "explain_data",
     "metric_name",
     "missing_host_keys",
     "prune_host_bundle",
@@ -161,7 +162,6 @@ def check_host_config(keys: Mapping[str, tuple[str, str]] = HOST_KEYS) -> None:
             "the host bundle does not follow the model-zoo key layout the prune overlay expects:\n  - "
             + "\n  - ".join(problems)
         )
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +300,24 @@ def evaluator_collector(
         return None
     roi = patch_size(evaluator, patch)
     kwargs = {} if roi is None else {"output_transform": PatchOutputTransform(roi, patch_mode, max_patches)}
-    return RelevanceCollector(method, target, relevance_kwargs=relevance_kwargs, max_batches=max_batches, **kwargs)
+    return RelevanceCollector(
+        method, target, relevance_kwargs=relevance_kwargs, max_batches=max_batches, **kwargs
+    )
+
+
+def explain_data(
+    evaluator: Any,
+    patch: Sequence[int] | int | None = None,
+    patch_mode: str = "foreground",
+    max_patches: int | None = None,
+) -> PatchedBatches | None:
+    """The evaluator's batches cut to the patches relevance uses (None without sliding-window patches: whole images)."""
+    roi = patch_size(evaluator, patch)
+    return (
+        None
+        if roi is None
+        else PatchedBatches(evaluator.data_loader, PatchOutputTransform(roi, patch_mode, max_patches))
+    )
 
 
 def prune_host_bundle(
@@ -353,7 +370,9 @@ def prune_host_bundle(
     stages = pruning_handler.stages
     epochs = (stages - 1) * stage_epochs + finetune_epochs
     if epochs < 1:
-        raise ValueError("the host trainer runs the pruning: set finetune_epochs (or stage_epochs) to at least 1")
+        raise ValueError(
+            "the host trainer runs the pruning: set finetune_epochs (or stage_epochs) to at least 1"
+        )
     if pruning_handler.prune_epochs != [k * stage_epochs for k in range(stages)]:
         raise ValueError(f"pruning_handler.prune_epochs must be [0, {stage_epochs}, ...] (stage_epochs)")
     for name, engine in (("trainer", trainer), ("evaluator", evaluator)):
@@ -395,6 +414,7 @@ def prune_host_bundle(
         host_checkpoint_sha256=host_hash,
         pruned_checkpoint=os.path.abspath(pruned_checkpoint),
         pruned_torchscript=os.path.abspath(pruned_torchscript) if pruned_torchscript else None,
+        world_size=world_size(),
     )
     collector = pruning_handler.collector
     transform = getattr(collector, "output_transform", None)

@@ -52,7 +52,9 @@ def include_overlay() -> None:
 
     parser = active_parser()
     if parser is None:
-        raise RuntimeError("include_overlay() is a bundle config expression: put it first in the 'initialize' list")
+        raise RuntimeError(
+            "include_overlay() is a bundle config expression: put it first in the 'initialize' list"
+        )
     for key, value in json.loads(overlay_path().read_text()).items():
         if key not in parser:
             parser[key] = value

@@ -12,7 +12,9 @@ import pytest
 from conftest import ROOT
 
 LINT = Path(sys.executable).parent / "lint-imports"
-pytestmark = pytest.mark.skipif(not LINT.exists(), reason="import-linter is not installed (pip install -e .[test])")
+pytestmark = pytest.mark.skipif(
+    not LINT.exists(), reason="import-linter is not installed (pip install -e .[test])"
+)
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
@@ -35,10 +37,14 @@ def test_contracts_kept():
 
 def test_an_upward_import_breaks_the_layers(tmp_path):
     copy = tmp_path / "repo"
-    shutil.copytree(ROOT / "monai_iaprune", copy / "monai_iaprune", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "monai_iaprune", copy / "monai_iaprune", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / ".importlinter", copy / ".importlinter")
     ddp = copy / "monai_iaprune" / "utils" / "ddp.py"
     ddp.write_text(ddp.read_text() + "\nfrom monai_iaprune.handlers import relevance_collector  # noqa\n")
     proc = _lint(copy)
     assert proc.returncode != 0, proc.stdout[-3000:]
-    assert "monai_iaprune.utils.ddp -> monai_iaprune.handlers.relevance_collector" in proc.stdout, proc.stdout[-3000:]
+    assert "monai_iaprune.utils.ddp -> monai_iaprune.handlers.relevance_collector" in proc.stdout, (
+        proc.stdout[-3000:]
+    )

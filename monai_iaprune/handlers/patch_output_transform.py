@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from monai.utils import convert_to_tensor, fall_back_tuple
 
 from monai_iaprune.handlers.relevance_collector import _image_label
 
-__all__ = ["PATCH_MODES", "PatchOutputTransform"]
+__all__ = ["PATCH_MODES", "PatchOutputTransform", "PatchedBatches"]
 
 PATCH_MODES = ("center", "foreground", "sliding")
 
@@ -102,3 +102,26 @@ class PatchOutputTransform:
                 if label is not None:
                     labels.append(label[b][window] if label.ndim == image.ndim else label[b])
         return torch.stack(images), (torch.stack(labels) if label is not None else None)
+
+
+class PatchedBatches:
+    """The batches of ``data`` cut by ``transform``: ``{"image": patches, "label": patches}`` per batch.
+
+    Explanations of a sliding-window network are computed on the patches it was trained on, like its relevance.
+
+    Args:
+        data: a loader of ``{"image", "label"}`` batches (e.g. the evaluator's ``data_loader``).
+        transform: a ``PatchOutputTransform``.
+    """
+
+    def __init__(self, data: Iterable, transform: PatchOutputTransform) -> None:
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.data:
+            image, label = self.transform(batch)
+            yield {"image": image} if label is None else {"image": image, "label": label}

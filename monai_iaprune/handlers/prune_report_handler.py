@@ -66,6 +66,8 @@ class PruneReportHandler:
             deletion / insertion curves; default True); False skips them and keeps no copy of the unpruned
             network. The channel and relevance figures are drawn either way.
         explain_method: input attribution of the comparison, ``"ig"`` (Integrated Gradients) or ``"lrp"``.
+        explain_data: batches to explain; default the evaluator's ``data_loader`` (a sliding-window host passes
+            its patches, ``PatchedBatches``).
         explain_kwargs: settings of ``explanation_report`` (``n_images``, ``max_samples``, ``n_steps``,
             ``steps``, ``target``, ``baseline``, ``image_key``, ``label_key``, ...); defaults
             ``{"n_images": 4, "max_samples": 8, "n_steps": 8, "steps": 10}``.
@@ -97,6 +99,7 @@ class PruneReportHandler:
         explain: bool = True,
         explain_method: str = "ig",
         explain_kwargs: Mapping[str, Any] | None = None,
+        explain_data: Any = None,
         figures_dir: str = "figures",
         tensorboard_writer: Any = None,
     ) -> None:
@@ -126,6 +129,7 @@ class PruneReportHandler:
         self.explain = as_bool(explain, "explain")
         self.explain_method = explain_method
         self.explain_kwargs = {**EXPLAIN_DEFAULTS, **explain_kwargs}
+        self.explain_data = explain_data
         self.figures_dir = str(figures_dir)
         self.tensorboard_writer = tensorboard_writer
         self.timings_s: dict[str, float] = {}
@@ -195,7 +199,7 @@ class PruneReportHandler:
                 plot_relevance_distribution(relevance, fig_dir / "relevance_distribution.png", title=title)
             )
         if self.unpruned is not None:
-            data = getattr(self.evaluator, "data_loader", None)
+            data = self.explain_data or getattr(self.evaluator, "data_loader", None)
             if data is None:
                 raise ValueError("the evaluator has no data_loader to explain; pass explain=False")
             t0 = time.perf_counter()
@@ -269,7 +273,9 @@ class PruneReportHandler:
             for p in self.unpruned.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-        engine.logger.info(f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before.params}")
+        engine.logger.info(
+            f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before.params}"
+        )
 
     def __call__(self, engine: Engine) -> None:
         """At COMPLETED: write the report unless it was written at the end of the last epoch."""

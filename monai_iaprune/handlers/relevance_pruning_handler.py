@@ -334,13 +334,17 @@ class RelevancePruningHandler:
             + (f", {name} after pruning {metric:.4f}" if metric is not None else "")
         )
 
-    def _update_optimizer(self, engine: Engine, snapshot: Any, network: torch.nn.Module, history: Any) -> None:
+    def _update_optimizer(
+        self, engine: Engine, snapshot: Any, network: torch.nn.Module, history: Any
+    ) -> None:
         """Point the trainer's optimizer at the pruned parameters (remapped state, or a fresh one) at ``finetune_lr``."""
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is None:
             return
         if self.fresh_optimizer:
-            optimizer = type(optimizer)([p for p in network.parameters() if p.requires_grad], **optimizer.defaults)
+            optimizer = type(optimizer)(
+                [p for p in network.parameters() if p.requires_grad], **optimizer.defaults
+            )
             engine.optimizer = optimizer
         else:
             remap_optimizer(optimizer, snapshot, network, history)

@@ -307,7 +307,9 @@ class Measurement:
             params=count_params(network),
             macs=count_macs(network, x),
             latency=measure_latency(network, x, warmup=latency_warmup, repeats=latency_repeats),
-            channels={n: out_channels(m) for n, m in network.named_modules() if isinstance(m, PRUNABLE_TYPES)},
+            channels={
+                n: out_channels(m) for n, m in network.named_modules() if isinstance(m, PRUNABLE_TYPES)
+            },
         )
 
 

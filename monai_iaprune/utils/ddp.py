@@ -29,6 +29,7 @@ __all__ = [
     "rewrap_ddp",
     "set_log_level",
     "unwrap_network",
+    "world_size",
     "wrap_ddp",
 ]
 
@@ -47,6 +48,11 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 def rank() -> int:
     """This process's global rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
