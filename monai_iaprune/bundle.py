@@ -17,7 +17,7 @@ from torch import nn
 
 from monai_iaprune.pruning.checkpoint import atomic_write
 from monai_iaprune.utils.ddp import is_distributed, is_main_process, unwrap_network
-from monai_iaprune.utils.settings import as_bool, check_non_negative_int, check_positive_int, check_ratio
+from monai_iaprune.utils.settings import as_bool, check_int, check_ratio
 
 
 def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_epochs: int = 0) -> None:
@@ -28,8 +28,8 @@ def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_ep
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available relevance methods: {sorted(METHODS)}")
     check_ratio(ratio)
-    check_positive_int(stages, "stages")
-    check_non_negative_int(finetune_epochs, "finetune_epochs")
+    check_int(stages, "stages")
+    check_int(finetune_epochs, "finetune_epochs", 0)
 
 
 def check_dataset_dir(dataset_dir: str | os.PathLike | None) -> None:
@@ -134,8 +134,7 @@ def load_or_train(
         network: the (unpruned) network the trainer optimises, plain or wrapped in DDP.
         checkpoint: ``models/model.pt``.
         trainer: a MONAI ``SupervisedTrainer`` on ``network``; None: a missing checkpoint is an error.
-        timings: a dict (e.g. ``PruneReportHandler.timings_s``) that receives ``"pretrain"`` or
-            ``"load_checkpoint"`` seconds.
+        timings: receives ``"pretrain"`` or ``"load_checkpoint"`` seconds (e.g. ``PruneReportHandler.timings_s``).
 
     Returns:
         ``"loaded"`` or ``"trained"``.

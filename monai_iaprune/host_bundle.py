@@ -16,8 +16,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,12 @@ from monai_iaprune.handlers import (
     RelevanceCollector,
     RelevancePruningHandler,
 )
-from monai_iaprune.handlers.patch_output_transform import PATCH_MODES, PatchedBatches
+from monai_iaprune.handlers.patch_output_transform import PATCH_MODES
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.prune import count_params
 from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded
 from monai_iaprune.utils.ddp import barrier, is_main_process, unwrap_network, world_size
-from monai_iaprune.utils.settings import check_non_negative_int
+from monai_iaprune.utils.settings import check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
@@ -51,7 +50,7 @@ __all__ = [
     "check_host_config",
     "evaluate_pruned",
     "evaluator_collector",
-    "explain_data",
+    "patch_transform",
     "metric_name",
     "missing_host_keys",
     "prune_host_bundle",
@@ -116,15 +115,8 @@ def active_parser() -> Any | None:
 
 
 def missing_host_keys(parser: Any, keys: Mapping[str, tuple[str, str]] = HOST_KEYS) -> list[str]:
-    """Explain every overlay key of ``keys`` that is absent or refers to a config id the host does not define.
-
-    Args:
-        parser: the ``monai.bundle.ConfigParser`` holding host config + overlay (+ command-line overrides).
-        keys: ``{overlay key: (role, override example)}``.
-
-    Returns:
-        One message per problem (empty when everything is defined).
-    """
+    """One message per key of ``keys`` (``{overlay key: (role, override example)}``) that ``parser`` (host config +
+    overlay + overrides) lacks or that refers to a config id the host does not define; empty when all are defined."""
     from monai.bundle import ReferenceResolver
 
     problems = []
@@ -149,9 +141,6 @@ def check_host_config(keys: Mapping[str, tuple[str, str]] = HOST_KEYS) -> None:
     Called as the first expression of the overlay's ``prune`` list, before anything is instantiated, so a bundle
     with other key names fails in a second with the fix instead of deep inside MONAI's reference resolution.
     Outside a running ``ConfigParser`` it does nothing.
-
-    Args:
-        keys: ``{overlay key: (role, override example)}``; default ``HOST_KEYS``.
     """
     parser = active_parser()
     if parser is None:
@@ -179,29 +168,13 @@ def host_savers() -> list[CheckpointSaver]:
     return found
 
 
-def _saver_handlers(saver: CheckpointSaver) -> list[tuple[Any, Any]]:
-    """The (handler, event) pairs ``CheckpointSaver.attach`` registers."""
-    return [
-        (saver.completed, Events.COMPLETED),
-        (saver.exception_raised, Events.EXCEPTION_RAISED),
-        (saver.metrics_completed, Events.EPOCH_COMPLETED),
-        (saver.interval_completed, Events.EPOCH_COMPLETED),
-        (saver.interval_completed, Events.ITERATION_COMPLETED),
-    ]
-
-
 class SaverPause:
     """Detach the host's ``CheckpointSaver`` handlers from the evaluator while our handlers measure, re-attach after.
 
-    Without this, the host's key-metric saver would store the *unpruned* network as the "best" checkpoint when the
-    evaluator runs before pruning; only the evaluations of the fine-tuning epochs (the host's own
-    ``ValidationHandler``) should feed it. On the trainer it pauses when the trainer starts and at the end of every
-    epoch (after the host's validation, before our handlers), and resumes when the next epoch starts and when the
-    trainer completes.
-
-    Args:
-        evaluator: the host evaluator.
-        savers: its savers; default every ``CheckpointSaver`` of the running config.
+    Else the host's key-metric saver would store the *unpruned* network as the "best" checkpoint; only the host's own
+    validations of the fine-tuning epochs feed it. On the trainer it pauses at the start and at the end of every epoch
+    (after the host's validation, before our handlers) and resumes when an epoch starts and when the trainer completes.
+    ``savers`` default to every ``CheckpointSaver`` of the running config.
     """
 
     def __init__(self, evaluator: Any, savers: Sequence[CheckpointSaver] | None = None) -> None:
@@ -210,8 +183,18 @@ class SaverPause:
         self._paused: list[CheckpointSaver] = []
 
     def pause(self, engine: Any = None) -> None:
-        for saver in self.savers:
-            pairs = [(h, e) for h, e in _saver_handlers(saver) if self.evaluator.has_event_handler(h, e)]
+        for saver in self.savers:  # the (handler, event) pairs CheckpointSaver.attach registers
+            pairs = [
+                (h, e)
+                for h, e in (
+                    (saver.completed, Events.COMPLETED),
+                    (saver.exception_raised, Events.EXCEPTION_RAISED),
+                    (saver.metrics_completed, Events.EPOCH_COMPLETED),
+                    (saver.interval_completed, Events.EPOCH_COMPLETED),
+                    (saver.interval_completed, Events.ITERATION_COMPLETED),
+                )
+                if self.evaluator.has_event_handler(h, e)
+            ]
             for h, e in pairs:
                 self.evaluator.remove_event_handler(h, e)
             if pairs and saver not in self._paused:
@@ -221,14 +204,6 @@ class SaverPause:
         for saver in self._paused:
             saver.attach(self.evaluator)
         self._paused = []
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        self.pause()
-        try:
-            yield
-        finally:
-            self.resume()
 
     def attach(self, trainer: Any) -> None:
         """Pause before the handlers attached after this one run, resume for the fine-tuning epochs."""
@@ -241,31 +216,16 @@ class SaverPause:
 # wiring
 # ---------------------------------------------------------------------------------------------------------------
 def metric_name(evaluator: Any, key_metric: str | Mapping | None) -> str:
-    if isinstance(key_metric, Mapping):
-        if not key_metric:
-            raise ValueError("host_key_metric is an empty dict; give the host's validate#key_metric or null")
-        return str(next(iter(key_metric)))
-    if isinstance(key_metric, str) and key_metric:
-        return key_metric
-    if key_metric not in (None, ""):
-        raise TypeError(
-            f"host_key_metric must be a metric dict, a name or null, got {type(key_metric).__name__}"
-        )
-    name = getattr(evaluator.state, "key_metric_name", None)
+    """The key metric's name: first key of the host's ``validate#key_metric`` dict, a name, or (null) the evaluator's."""
+    if isinstance(key_metric, (str, Mapping)) and key_metric:
+        return key_metric if isinstance(key_metric, str) else str(next(iter(key_metric)))
+    name = getattr(evaluator.state, "key_metric_name", None) if key_metric in (None, "") else None
     if name is None:
         raise ValueError(
-            "the host evaluator has no key metric (key_val_metric); set host_key_metric to a metric name"
+            f"bad host_key_metric {key_metric!r}: give the host's validate#key_metric, a metric name, or null for "
+            "the evaluator's own key metric (key_val_metric)"
         )
     return str(name)
-
-
-def _metric(evaluator: Any, name: str) -> float:
-    metrics = evaluator.state.metrics
-    if name not in metrics:
-        raise KeyError(
-            f"the host evaluator computed no metric {name!r} (it has {sorted(metrics)}); set host_key_metric"
-        )
-    return float(metrics[name])
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -276,48 +236,27 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def patch_size(evaluator: Any, size: Sequence[int] | int | None = None) -> Sequence[int] | int | None:
-    """``size``, else the evaluator's ``SlidingWindowInferer.roi_size`` (None: whole images)."""
-    if size is not None:
-        return size
+def patch_transform(
+    evaluator: Any,
+    size: Sequence[int] | int | None = None,
+    mode: str = "foreground",
+    max_patches: int | None = None,
+) -> PatchOutputTransform | None:
+    """Cuts evaluator outputs to patches of ``size``, default the evaluator's ``SlidingWindowInferer.roi_size``
+    (None without either: whole images)."""
     inferer = getattr(evaluator, "inferer", None)
-    return inferer.roi_size if isinstance(inferer, SlidingWindowInferer) else None
+    size = inferer.roi_size if size is None and isinstance(inferer, SlidingWindowInferer) else size
+    return None if size is None else PatchOutputTransform(size, mode, max_patches)
 
 
 def evaluator_collector(
-    evaluator: Any,
-    method: str,
-    target: Any = "label",
-    relevance_kwargs: dict | None = None,
-    max_batches: int | None = None,
-    patch: Sequence[int] | int | None = None,
-    patch_mode: str = "foreground",
-    max_patches: int | None = None,
+    method: str, patches: PatchOutputTransform | None = None, **kwargs: Any
 ) -> RelevanceCollector | None:
-    """A ``RelevanceCollector`` for ``evaluator`` (patches of ``patch_size(evaluator, patch)``), None for data-free methods."""
+    """A ``RelevanceCollector`` (reading ``patches`` of the outputs), None for data-free methods."""
     _ensure_methods_loaded()
     if method in METHODS and METHODS[method].data_free:
         return None
-    roi = patch_size(evaluator, patch)
-    kwargs = {} if roi is None else {"output_transform": PatchOutputTransform(roi, patch_mode, max_patches)}
-    return RelevanceCollector(
-        method, target, relevance_kwargs=relevance_kwargs, max_batches=max_batches, **kwargs
-    )
-
-
-def explain_data(
-    evaluator: Any,
-    patch: Sequence[int] | int | None = None,
-    patch_mode: str = "foreground",
-    max_patches: int | None = None,
-) -> PatchedBatches | None:
-    """The evaluator's batches cut to the patches relevance uses (None without sliding-window patches: whole images)."""
-    roi = patch_size(evaluator, patch)
-    return (
-        None
-        if roi is None
-        else PatchedBatches(evaluator.data_loader, PatchOutputTransform(roi, patch_mode, max_patches))
-    )
+    return RelevanceCollector(method, **kwargs, **({"output_transform": patches} if patches else {}))
 
 
 def prune_host_bundle(
@@ -359,14 +298,12 @@ def prune_host_bundle(
         The report dict (also written by ``report_handler``).
 
     Raises:
-        FileNotFoundError: no ``host_checkpoint`` and not ``train_if_missing``.
-        ValueError: bad settings, a checkpoint that does not match ``network_def``, or a host ``CheckpointSaver``
-            writing into the folder of ``host_checkpoint``.
-        FileExistsError: outputs exist and ``overwrite`` is false.
+        FileNotFoundError / FileExistsError / ValueError: no checkpoint, outputs exist (without ``overwrite``), bad
+            settings or checkpoint, a host ``CheckpointSaver`` writing into the host checkpoint's folder.
         RuntimeError: ``host_checkpoint`` changed during the run.
     """
-    check_non_negative_int(finetune_epochs, "finetune_epochs")
-    check_non_negative_int(stage_epochs, "stage_epochs")
+    check_int(finetune_epochs, "finetune_epochs", 0)
+    check_int(stage_epochs, "stage_epochs", 0)
     stages = pruning_handler.stages
     epochs = (stages - 1) * stage_epochs + finetune_epochs
     if epochs < 1:
@@ -471,9 +408,15 @@ def evaluate_pruned(
     device = next(network.parameters()).device
     load_pruned(pruned_checkpoint, network_def=network, map_location=device)
     name = metric_name(evaluator, key_metric)
-    with SaverPause(evaluator).paused():
+    pause = SaverPause(evaluator)
+    pause.pause()
+    try:
         evaluator.run()
-    metric = _metric(evaluator, name)
+    finally:
+        pause.resume()
+    if name not in evaluator.state.metrics:
+        raise KeyError(f"the host evaluator computed no metric {name!r}; set host_key_metric")
+    metric = float(evaluator.state.metrics[name])
     out = {
         "metric_name": name,
         "metric": metric,

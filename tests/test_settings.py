@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from monai_iaprune.utils.settings import as_bool, check_positive_int, check_ratio
+from monai_iaprune.utils.settings import as_bool, check_int, check_ratio
 
 BUNDLE = ROOT / "bundles" / "classification_2d"
 TINY = {
@@ -43,12 +43,12 @@ def test_as_bool_refuses_naming_the_setting(value):
 
 
 def test_numeric_checks():
-    assert check_ratio(0.3) == 0.3 and check_positive_int(None, "relevance_batches", allow_none=True) is None
+    assert check_ratio(0.3) == 0.3 and check_int(None, "relevance_batches", allow_none=True) is None
     for bad in (0, 1, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="bad ratio"):
             check_ratio(bad)
     with pytest.raises(ValueError, match="bad calibration_batches 0"):
-        check_positive_int(0, "calibration_batches")
+        check_int(0, "calibration_batches")
 
 
 def _copy(tmp_path: Path) -> Path:

@@ -1,8 +1,14 @@
 """Ignite / MONAI workflow handlers: relevance pruning during training, relevance collection on evaluators, reports."""
 
-from monai_iaprune.handlers.patch_output_transform import PatchOutputTransform
+from monai_iaprune.handlers.patch_output_transform import PatchedBatches, PatchOutputTransform
 from monai_iaprune.handlers.prune_report_handler import PruneReportHandler
 from monai_iaprune.handlers.relevance_collector import RelevanceCollector
 from monai_iaprune.handlers.relevance_pruning_handler import RelevancePruningHandler
 
-__all__ = ["PatchOutputTransform", "PruneReportHandler", "RelevanceCollector", "RelevancePruningHandler"]
+__all__ = [
+    "PatchedBatches",
+    "PatchOutputTransform",
+    "PruneReportHandler",
+    "RelevanceCollector",
+    "RelevancePruningHandler",
+]

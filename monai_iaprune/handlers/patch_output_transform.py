@@ -105,9 +105,7 @@ class PatchOutputTransform:
 
 
 class PatchedBatches:
-    """The batches of ``data`` cut by ``transform``: ``{"image": patches, "label": patches}`` per batch.
-
-    Explanations of a sliding-window network are computed on the patches it was trained on, like its relevance.
+    """The batches of ``data`` cut by ``transform`` (``{"image", "label"}`` patches), to explain patch-trained networks.
 
     Args:
         data: a loader of ``{"image", "label"}`` batches (e.g. the evaluator's ``data_loader``).

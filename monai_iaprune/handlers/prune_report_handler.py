@@ -152,13 +152,8 @@ class PruneReportHandler:
         engine.add_event_handler(Events.COMPLETED, self)
 
     # -- helpers ------------------------------------------------------------------------------------------------------
-    def _first_prune_epoch(self) -> int:
-        epochs = getattr(self.pruning_handler, "prune_epochs", None)
-        return int(min(epochs)) if epochs else 1
-
-    def _last_prune_epoch(self) -> int:
-        epochs = getattr(self.pruning_handler, "prune_epochs", None)
-        return int(max(epochs)) if epochs else 1
+    def _prune_epochs(self) -> list[int]:
+        return list(getattr(self.pruning_handler, "prune_epochs", None) or [1])
 
     def _evaluate(self) -> float | None:
         self.evaluator.run()
@@ -234,26 +229,26 @@ class PruneReportHandler:
     # -- events -------------------------------------------------------------------------------------------------------
     def _started(self, engine: Engine) -> None:
         self._run_t0 = time.perf_counter()
-        if self.before is None and self._first_prune_epoch() == 0:
+        if self.before is None and min(self._prune_epochs()) == 0:
             self._snapshot(engine)
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_t0 = time.perf_counter()
 
     def _epoch_completed(self, engine: Engine) -> None:
-        phase = "train_before_pruning" if engine.state.epoch <= self._first_prune_epoch() else "finetune"
+        phase = "train_before_pruning" if engine.state.epoch <= min(self._prune_epochs()) else "finetune"
         self._add_time(phase, time.perf_counter() - self._epoch_t0)
         epoch = engine.state.epoch
         if (
             self.before is not None
             and epoch == engine.state.max_epochs
-            and epoch > self._last_prune_epoch()
+            and epoch > max(self._prune_epochs())
             and not self._finished
         ):
             # finish before later handlers of this event (StatsHandler) log engine.state.metrics
             self._finish(engine)
             return
-        if self.before is None and epoch == self._first_prune_epoch():
+        if self.before is None and epoch == min(self._prune_epochs()):
             self._snapshot(engine)
 
     def _snapshot(self, engine: Engine) -> None:
@@ -286,7 +281,7 @@ class PruneReportHandler:
         """Evaluate and measure the final network, compare explanations, draw the figures, write the report."""
         if self.before is None:
             raise RuntimeError(
-                f"the trainer completed without reaching the first pruning epoch ({self._first_prune_epoch()}); "
+                f"the trainer completed without reaching the first pruning epoch ({min(self._prune_epochs())}); "
                 "give it at least that many epochs"
             )
         self._finished = True

@@ -18,15 +18,11 @@ from monai_iaprune.relevance.collect import (
 )
 from monai_iaprune.relevance.distributed import all_reduce_sums
 from monai_iaprune.utils.ddp import is_distributed, unwrap_network
-from monai_iaprune.utils.settings import as_bool, check_positive_int
+from monai_iaprune.utils.settings import as_bool, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only
     from ignite.engine import Engine
-else:
-    Engine, _ = optional_import(
-        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
-    )
 
 __all__ = ["RelevanceCollector", "model_fingerprint"]
 
@@ -113,7 +109,7 @@ class RelevanceCollector:
         self.layers = list(layers) if layers is not None else None
         self.relevance_kwargs = dict(relevance_kwargs or {})
         self.absolute = as_bool(absolute, "absolute")
-        self.max_batches = check_positive_int(max_batches, "max_batches", allow_none=True)
+        self.max_batches = check_int(max_batches, "max_batches", allow_none=True)
         self.batches = 0
         self.image_key = image_key
         self.label_key = label_key

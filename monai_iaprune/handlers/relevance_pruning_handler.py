@@ -16,13 +16,7 @@ from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import apply_pruned_structure, pruned_structure
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import prune
-from monai_iaprune.relevance.collect import (
-    METHODS,
-    ChannelRelevance,
-    _ensure_methods_loaded,
-    channel_relevance,
-    split_batch,
-)
+from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded, channel_relevance, split_batch
 from monai_iaprune.relevance.distributed import all_reduce_relevance
 from monai_iaprune.utils.ddp import (
     all_reduce_batchnorm,
@@ -31,15 +25,13 @@ from monai_iaprune.utils.ddp import (
     rewrap_ddp,
     unwrap_network,
 )
-from monai_iaprune.utils.settings import as_bool, check_positive_int, check_ratio
+from monai_iaprune.utils.settings import as_bool, check_int, check_ratio
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only
     from ignite.engine import Engine
-else:
-    Engine, _ = optional_import(
-        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
-    )
+
+    from monai_iaprune.relevance.collect import ChannelRelevance
 
 __all__ = ["RelevancePruningHandler"]
 
@@ -134,7 +126,7 @@ class RelevancePruningHandler:
         if collector is None and method not in METHODS:
             raise ValueError(f"unknown relevance method {method!r}; available: {sorted(METHODS)}")
         check_ratio(ratio)
-        check_positive_int(stages, "stages")
+        check_int(stages, "stages")
         if prune_epochs is None:
             prune_epochs = list(range(1, stages + 1))
         prune_epochs = [int(e) for e in prune_epochs]
@@ -154,7 +146,7 @@ class RelevancePruningHandler:
             )
         if key_metric is not None and evaluator is None:
             raise ValueError(f"key_metric={key_metric!r} needs an evaluator to compute it")
-        check_positive_int(max_batches, "max_batches", allow_none=True)
+        check_int(max_batches, "max_batches", allow_none=True)
         if finetune_lr is not None and (isinstance(finetune_lr, bool) or not float(finetune_lr) > 0):
             raise ValueError(f"bad finetune_lr {finetune_lr!r}: need a positive learning rate or null")
         self.method = collector.method if collector is not None else method

@@ -315,18 +315,8 @@ class Measurement:
 
 @dataclass
 class PruneReport:
-    """A pruning run's report: the unpruned (``before``) and final (``after``) measurements, per-stage records,
-    timings and free-form ``settings``; ``to_dict()`` gives the keys of ``prune_report.json``.
-
-    Args:
-        method, ratio, stages: the pruning run's criterion, overall parameter ratio and stage count.
-        metric_name: the key metric's name.
-        before, after: ``Measurement`` of the unpruned and of the final network.
-        stages_detail: one record per stage (the pruning handler's ``history``; ``per_layer`` is dropped).
-        settings: extra fields copied into the report (bundle, finetune_epochs, host checkpoint, ...).
-        relevance_input_shape: shape of the example input that traced the network.
-        timings_s: seconds per phase.
-    """
+    """A pruning run's report: criterion, ``before`` / ``after`` measurements, one record per stage (the pruning
+    handler's ``history``), extra ``settings`` fields and timings; ``to_dict()`` gives ``prune_report.json``'s keys."""
 
     method: str
     ratio: float

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["as_bool", "check_non_negative_int", "check_positive_int", "check_ratio"]
+__all__ = ["as_bool", "check_int", "check_ratio"]
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -42,17 +42,12 @@ def check_ratio(value: Any, name: str = "ratio") -> float:
     return float(value)
 
 
-def check_positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
-    """``value`` as an integer >= 1 (or None when ``allow_none``)."""
+def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """``value`` as an integer >= ``minimum`` (or None when ``allow_none``)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"bad {name} {value!r}: need an integer >= 1" + (" or null" if allow_none else ""))
-    return value
-
-
-def check_non_negative_int(value: Any, name: str) -> int:
-    """``value`` as an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"bad {name} {value!r}: need an integer >= 0")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"bad {name} {value!r}: need an integer >= {minimum}" + (" or null" if allow_none else "")
+        )
     return value
