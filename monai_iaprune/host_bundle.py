@@ -37,7 +37,7 @@ from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.prune import count_params
 from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded
 from monai_iaprune.utils.ddp import barrier, is_main_process, unwrap_network, world_size
-from monai_iaprune.utils.settings import check_int
+from monai_iaprune.utils.settings import as_bool, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
@@ -302,6 +302,7 @@ def prune_host_bundle(
             settings or checkpoint, a host ``CheckpointSaver`` writing into the host checkpoint's folder.
         RuntimeError: ``host_checkpoint`` changed during the run.
     """
+    train_if_missing = as_bool(train_if_missing, "train_if_missing")
     check_int(finetune_epochs, "finetune_epochs", 0)
     check_int(stage_epochs, "stage_epochs", 0)
     stages = pruning_handler.stages
