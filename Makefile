@@ -18,10 +18,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m ruff check monai_iaprune tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: install
 	$(PY) -m ruff check monai_iaprune tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m ruff format --check monai_iaprune tests benchmarks
 
 format: install

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned, safe_load
+from monai_iaprune.utils.ddp import is_distributed, is_main_process, unwrap_network
+from monai_iaprune.utils.settings import as_bool, check_int, check_ratio
 
 
 def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_epochs: int = 0) -> None:
@@ -24,14 +26,9 @@ def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_ep
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available relevance methods: {sorted(METHODS)}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-        raise ValueError(
-            f"bad ratio {ratio!r}: the fraction of parameters to remove must lie strictly between 0 and 1"
-        )
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"bad stages {stages!r}: need an integer >= 1")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise ValueError(f"bad finetune_epochs {finetune_epochs!r}: need an integer >= 0")
+    check_ratio(ratio)
+    check_int(stages, "stages")
+    check_int(finetune_epochs, "finetune_epochs", 0)
 
 
 def check_dataset_dir(dataset_dir: str | os.PathLike | None) -> None:
@@ -44,6 +41,7 @@ def check_dataset_dir(dataset_dir: str | os.PathLike | None) -> None:
 
 def check_writable(paths: Iterable[str | os.PathLike], overwrite: bool = False) -> None:
     """Raise FileExistsError when any of ``paths`` exists and ``overwrite`` is false (checked before any work)."""
+    overwrite = as_bool(overwrite, "overwrite")  # "--overwrite false" arrives as the string "false"
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"refusing to overwrite {existing}; move them away or pass --overwrite true")
@@ -111,28 +109,41 @@ def load_network(
 def load_or_train(
     network: nn.Module,
     checkpoint: str | os.PathLike,
-    trainer: Any,
+    trainer: Any = None,
     timings: MutableMapping[str, float] | None = None,
 ) -> str:
     """Load ``checkpoint`` into ``network`` when it exists, else run ``trainer`` and save it there (never replacing).
 
+    Under ``torch.distributed`` rank 0 decides whether ``checkpoint`` exists (so the ranks cannot disagree); then
+    every rank loads it, or every rank runs ``trainer`` (DDP keeps them in sync), rank 0 saves and the others wait.
+
     Args:
-        network: the (unpruned) network the trainer optimises.
+        network: the (unpruned) network the trainer optimises, plain or wrapped in DDP.
         checkpoint: ``models/model.pt``.
-        trainer: a MONAI ``SupervisedTrainer`` on ``network``; only instantiated work is done when called.
-        timings: a dict (e.g. ``PruneReportHandler.timings_s``) that receives ``"pretrain"`` seconds.
+        trainer: a MONAI ``SupervisedTrainer`` on ``network``; None: a missing checkpoint is an error.
+        timings: receives ``"pretrain"`` or ``"load_checkpoint"`` seconds (e.g. ``PruneReportHandler.timings_s``).
 
     Returns:
         ``"loaded"`` or ``"trained"``.
     """
-    path = Path(checkpoint)
+    import torch.distributed as dist
+
+    path, network = Path(checkpoint), unwrap_network(network)
     t0 = time.perf_counter()
-    if path.exists():
+    exists = [path.exists()]
+    if is_distributed():
+        dist.broadcast_object_list(exists, src=0)
+    if exists[0]:
         load_state_dict(network, path)
         source = "loaded"
+    elif trainer is None:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     else:
         trainer.run()
-        save_state_dict(network, path)
+        if is_main_process():
+            save_state_dict(network, path)
+        if is_distributed():
+            dist.barrier()
         source = "trained"
     if timings is not None:
         timings["pretrain" if source == "trained" else "load_checkpoint"] = time.perf_counter() - t0
@@ -150,7 +161,7 @@ def save_pruned_model(
     """Save the pruned network (structure + weights) and optionally its TorchScript export; returns the paths."""
     from monai_iaprune.pruning.checkpoint import export_torchscript, save_pruned
 
-    net = network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
+    net, overwrite = unwrap_network(network), as_bool(overwrite, "overwrite")
     targets = [p for p in (path, torchscript_path) if p]
     check_writable(targets, overwrite)
     save_pruned(net, str(path), extra=extra, overwrite=overwrite)

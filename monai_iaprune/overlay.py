@@ -7,11 +7,17 @@
 
 ``python -m monai_iaprune.overlay --copy configs/`` copies it into the bundle as ``configs/prune_overlay.json``
 (refusing to replace an existing file unless ``--overwrite``) and prints the new path.
+
+A bundle can also bring the overlay in from its own ``configs/prune.json`` (this project's bundles do): the first
+``initialize`` expression ``$monai_iaprune.overlay.include_overlay()`` adds every overlay key the bundle does not
+set, so ``--config_file "['configs/train.json','configs/prune.json']"`` runs the overlay's ``prune`` with the
+bundle's settings and command-line overrides on top.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -20,7 +26,7 @@ from pathlib import Path
 
 OVERLAY_NAME = "prune_overlay.json"
 
-__all__ = ["OVERLAY_NAME", "copy_overlay", "main", "overlay_path"]
+__all__ = ["OVERLAY_NAME", "copy_overlay", "include_overlay", "main", "overlay_path"]
 
 
 def overlay_path() -> Path:
@@ -31,6 +37,28 @@ def overlay_path() -> Path:
             f"the prune overlay is missing from the installed package ({path}); reinstall monai-iaprune"
         )
     return path
+
+
+def include_overlay() -> None:
+    """Add the overlay's keys that the running bundle config lacks, then re-parse it (a config expression).
+
+    Keys the bundle's files or the command line set win; nothing has been instantiated yet when this runs as the
+    first ``initialize`` expression, so the re-parse loses nothing.
+
+    Raises:
+        RuntimeError: called outside a running MONAI ``ConfigParser``.
+    """
+    from monai_iaprune.host_bundle import active_parser
+
+    parser = active_parser()
+    if parser is None:
+        raise RuntimeError(
+            "include_overlay() is a bundle config expression: put it first in the 'initialize' list"
+        )
+    for key, value in json.loads(overlay_path().read_text()).items():
+        if key not in parser:
+            parser[key] = value
+    parser.parse(reset=True)
 
 
 def copy_overlay(dest: str | Path, overwrite: bool = False) -> Path:

@@ -15,9 +15,18 @@ def _wide_late() -> nn.Module:
     """Expensive narrow full-resolution convs, then cheap wide convs at 1/4 resolution."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
-        nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Conv2d(8, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 2),
     )
 
 
@@ -26,7 +35,11 @@ X = torch.randn(1, 1, 32, 32)
 
 def _relevance(model: nn.Module) -> ChannelRelevance:
     g = torch.Generator().manual_seed(1)
-    values = {n: torch.rand(m.out_channels, generator=g) + 0.1 for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    values = {
+        n: torch.rand(m.out_channels, generator=g) + 0.1
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
     values["11"] = torch.ones(2)
     return ChannelRelevance(values, "lrp", 1, X)
 
@@ -72,10 +85,16 @@ def test_unreachable_latency_target(tmp_path, monkeypatch):
     import monai_iaprune.pruning.latency_table as lt
 
     # a deterministic timer: seconds proportional to the layer's MAC-like size
-    monkeypatch.setattr(lt, "_time_call", lambda fn, x, device, repeats: 1e-6 * sum(p.numel() for p in fn.parameters()) * x.shape[-1] + 1e-3)
+    monkeypatch.setattr(
+        lt,
+        "_time_call",
+        lambda fn, x, device, repeats: 1e-6 * sum(p.numel() for p in fn.parameters()) * x.shape[-1] + 1e-3,
+    )
     model = _wide_late()
     table = lt.measure_latency_table(model, X, cache_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="not reachable"):
         prune(model, _relevance(model), target="latency", speedup=50.0, example_inputs=X, latency_table=table)
-    result = prune(model, _relevance(model), target="latency", speedup=1.2, example_inputs=X, latency_table=table)
+    result = prune(
+        model, _relevance(model), target="latency", speedup=1.2, example_inputs=X, latency_table=table
+    )
     assert result.latency_estimated_speedup >= 1.2 and result.speedup is not None

@@ -30,8 +30,15 @@ def _brute_force(model: nn.Module, x: torch.Tensor, name: str, unit: int) -> tup
 
 def _tiny_seq():
     return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 10, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 3),
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 10, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(10, 3),
     )
 
 
@@ -54,11 +61,15 @@ CASES = {
         (1, 1, 8, 8, 8),
     ),
     "segresnet_3d": (
-        lambda: nets.SegResNet(3, init_filters=16, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)),
+        lambda: nets.SegResNet(
+            3, init_filters=16, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)
+        ),
         (1, 1, 8, 8, 8),
     ),
     "resnet_basic_2d": (
-        lambda: nets.ResNet("basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=2, n_input_channels=1, num_classes=2),
+        lambda: nets.ResNet(
+            "basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=2, n_input_channels=1, num_classes=2
+        ),
         (1, 1, 16, 16),
     ),
 }
@@ -81,7 +92,9 @@ def test_cost_equals_brute_force(case):
 
 def test_costs_follow_couplings_and_ignore_layers():
     torch.manual_seed(0)
-    model = nets.ResNet("basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=2, n_input_channels=1, num_classes=2).eval()
+    model = nets.ResNet(
+        "basic", [1, 1, 1, 1], [4, 4, 8, 8], spatial_dims=2, n_input_channels=1, num_classes=2
+    ).eval()
     x = torch.randn(1, 1, 16, 16)
     costs = channel_costs(model, x, ignored_layers=["fc"])
     assert "fc" not in costs

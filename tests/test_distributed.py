@@ -178,7 +178,7 @@ def _prune_run(rank: int, mode: str) -> dict:
 
 def _mismatch_error(rank: int) -> str:
     """Ranks holding different architectures must be refused by check_same_structure on every rank."""
-    from monai_iaprune.distributed import check_same_structure
+    from monai_iaprune.utils.ddp import check_same_structure
 
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4 if rank == 0 else 3, 3), torch.nn.Conv2d(4 if rank == 0 else 3, 2, 1)
@@ -193,7 +193,7 @@ def _mismatch_error(rank: int) -> str:
 def _rewrap_settings() -> tuple[dict, dict]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from monai_iaprune.distributed import rewrap_ddp
+    from monai_iaprune.utils.ddp import rewrap_ddp
 
     old = DDP(
         _tiny_resnet(), find_unused_parameters=True, gradient_as_bucket_view=True, bucket_cap_mb=1, dim=0

@@ -14,14 +14,23 @@ from monai_iaprune.pruning import prune_iteratively
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 2),
     )
 
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(4, 1, 16, 16, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(2)]
+    return [
+        (torch.randn(4, 1, 16, 16, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(2)
+    ]
 
 
 def test_one_step_equals_one_shot():

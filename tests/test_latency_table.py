@@ -13,7 +13,13 @@ X = torch.randn(1, 1, 16, 16)
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 16 * 16, 2),
+    )
 
 
 @pytest.fixture
@@ -51,7 +57,17 @@ def test_interpolation_is_monotone(tmp_path, timer):
     assert table.estimate({"2": (4, 4)}) <= full
 
 
-@pytest.mark.parametrize("kw", [{"device": "nodevice"}, {"device": "mps"}, {"threads": 0}, {"threads": -1}, {"threads": 1.5}, {"fractions": (0.0, 1.0)}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"device": "nodevice"},
+        {"device": "mps"},
+        {"threads": 0},
+        {"threads": -1},
+        {"threads": 1.5},
+        {"fractions": (0.0, 1.0)},
+    ],
+)
 def test_bad_arguments(tmp_path, kw):
     with pytest.raises(ValueError):
         lt.measure_latency_table(_net(), X, cache_dir=tmp_path, progress=False, **kw)

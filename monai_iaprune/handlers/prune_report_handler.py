@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_iaprune.distributed import rank
-from monai_iaprune.pruning.prune import count_macs, count_params
-from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 from monai_iaprune.relevance.registry import input_map_methods
-from monai_iaprune.report.prune_report import measure_latency, package_versions, write_prune_report
+from monai_iaprune.report.prune_report import Measurement, PruneReport, write_prune_report
+from monai_iaprune.utils.ddp import rank, unwrap_network
+from monai_iaprune.utils.settings import as_bool
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -42,7 +41,8 @@ class PruneReportHandler:
     """Record a pruning trainer's before / pruned / after state and write ``prune_report.json`` + ``.md``.
 
     Attach it to the trainer that carries a ``RelevancePruningHandler``, *before* that handler (ignite runs
-    handlers of one event in the order they were attached): at the end of the first pruning epoch it runs
+    handlers of one event in the order they were attached): at the end of the first pruning epoch (when the
+    trainer starts if that epoch is 0) it runs
     ``evaluator``, measures params, MACs and latency of the still unpruned network and keeps a frozen copy of
     it; when training ends it runs ``evaluator`` again, measures the pruned, fine-tuned network, compares the
     two networks' input explanations (``monai_iaprune.report.explanations.explanation_report`` on the
@@ -54,7 +54,8 @@ class PruneReportHandler:
     Args:
         evaluator: a MONAI ``SupervisedEvaluator`` over validation data, sharing the trainer's network.
         output_dir: folder for ``prune_report.json`` / ``prune_report.md``.
-        example_inputs: one input batch for MACs and latency (e.g. ``torch.rand(1, 1, 32, 32)``).
+        example_inputs: one input batch for MACs and latency (e.g. ``torch.rand(1, 1, 32, 32)``); None: the
+            pruning handler's example input (the first sample it explains, e.g. a sliding-window patch).
         pruning_handler: the ``RelevancePruningHandler`` attached to the same trainer (for ``prune_epochs``,
             ``method``, ``ratio``, ``stages``, per-stage ``history`` and ``last_relevance``).
         key_metric: evaluator metric to report; default the evaluator's key metric.
@@ -65,6 +66,8 @@ class PruneReportHandler:
             deletion / insertion curves; default True); False skips them and keeps no copy of the unpruned
             network. The channel and relevance figures are drawn either way.
         explain_method: input attribution of the comparison, ``"ig"`` (Integrated Gradients) or ``"lrp"``.
+        explain_data: batches to explain; default the evaluator's ``data_loader`` (a sliding-window host passes
+            its patches, ``PatchedBatches``).
         explain_kwargs: settings of ``explanation_report`` (``n_images``, ``max_samples``, ``n_steps``,
             ``steps``, ``target``, ``baseline``, ``image_key``, ``label_key``, ...); defaults
             ``{"n_images": 4, "max_samples": 8, "n_steps": 8, "steps": 10}``.
@@ -86,7 +89,7 @@ class PruneReportHandler:
         self,
         evaluator: Any,
         output_dir: str,
-        example_inputs: torch.Tensor,
+        example_inputs: torch.Tensor | None = None,
         pruning_handler: Any = None,
         key_metric: str | None = None,
         latency_warmup: int = 3,
@@ -96,12 +99,15 @@ class PruneReportHandler:
         explain: bool = True,
         explain_method: str = "ig",
         explain_kwargs: Mapping[str, Any] | None = None,
+        explain_data: Any = None,
         figures_dir: str = "figures",
         tensorboard_writer: Any = None,
     ) -> None:
         if evaluator is None or not hasattr(evaluator, "run"):
             raise ValueError("evaluator must be a MONAI evaluator (an ignite Engine with run())")
-        if not isinstance(example_inputs, torch.Tensor):
+        if example_inputs is None and not hasattr(pruning_handler, "example_input"):
+            raise TypeError("example_inputs is None and there is no pruning_handler to take the example from")
+        if example_inputs is not None and not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
         if explain_method not in input_map_methods():
             raise ValueError(f"unknown explain_method {explain_method!r}; use one of {input_map_methods()}")
@@ -120,13 +126,14 @@ class PruneReportHandler:
         self.latency_repeats = latency_repeats
         self.settings = dict(settings or {})
         self.name = name
-        self.explain = bool(explain)
+        self.explain = as_bool(explain, "explain")
         self.explain_method = explain_method
         self.explain_kwargs = {**EXPLAIN_DEFAULTS, **explain_kwargs}
+        self.explain_data = explain_data
         self.figures_dir = str(figures_dir)
         self.tensorboard_writer = tensorboard_writer
         self.timings_s: dict[str, float] = {}
-        self.before: dict[str, Any] | None = None
+        self.before: Measurement | None = None
         self.report: dict[str, Any] | None = None
         self.unpruned: torch.nn.Module | None = None
         self._finished = False
@@ -139,19 +146,14 @@ class PruneReportHandler:
         if id(engine) in self._attached:
             return
         self._attached.add(id(engine))
-        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.STARTED, self._started)  # before a pruning handler's STARTED stage
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self)
 
     # -- helpers ------------------------------------------------------------------------------------------------------
-    def _first_prune_epoch(self) -> int:
-        epochs = getattr(self.pruning_handler, "prune_epochs", None)
-        return int(min(epochs)) if epochs else 1
-
-    def _last_prune_epoch(self) -> int:
-        epochs = getattr(self.pruning_handler, "prune_epochs", None)
-        return int(max(epochs)) if epochs else 1
+    def _prune_epochs(self) -> list[int]:
+        return list(getattr(self.pruning_handler, "prune_epochs", None) or [1])
 
     def _evaluate(self) -> float | None:
         self.evaluator.run()
@@ -162,28 +164,16 @@ class PruneReportHandler:
         self.key_metric = key
         return float(metrics[key])
 
-    def _measure(self, network: torch.nn.Module) -> dict[str, Any]:
+    def _measure(self, engine: Engine, network: torch.nn.Module, metric: float | None) -> Measurement:
         t0 = time.perf_counter()
-        device = next(network.parameters()).device
-        x = self.example_inputs.to(device)
-        out = {
-            "params": count_params(network),
-            "macs": count_macs(network, x),
-            "latency": measure_latency(network, x, warmup=self.latency_warmup, repeats=self.latency_repeats),
-            "channels": {
-                n: out_channels(m) for n, m in network.named_modules() if isinstance(m, PRUNABLE_TYPES)
-            },
-        }
+        if self.example_inputs is None:
+            self.example_inputs = self.pruning_handler.example_input(engine).detach().cpu()
+        m = Measurement.of(network, self.example_inputs, metric, self.latency_warmup, self.latency_repeats)
         self._add_time("latency_and_counts", time.perf_counter() - t0)
-        return out
+        return m
 
     def _add_time(self, phase: str, seconds: float) -> None:
         self.timings_s[phase] = self.timings_s.get(phase, 0.0) + float(seconds)
-
-    @staticmethod
-    def _network(engine: Engine) -> torch.nn.Module:
-        net = engine.network
-        return net.module if hasattr(net, "module") and isinstance(net.module, torch.nn.Module) else net
 
     def _figures(self, engine: Engine, network: torch.nn.Module, report: dict[str, Any]) -> None:
         """Explanation metrics + all PNG files into ``report`` (and the metrics into ``engine.state.metrics``)."""
@@ -204,7 +194,7 @@ class PruneReportHandler:
                 plot_relevance_distribution(relevance, fig_dir / "relevance_distribution.png", title=title)
             )
         if self.unpruned is not None:
-            data = getattr(self.evaluator, "data_loader", None)
+            data = self.explain_data or getattr(self.evaluator, "data_loader", None)
             if data is None:
                 raise ValueError("the evaluator has no data_loader to explain; pass explain=False")
             t0 = time.perf_counter()
@@ -239,25 +229,30 @@ class PruneReportHandler:
     # -- events -------------------------------------------------------------------------------------------------------
     def _started(self, engine: Engine) -> None:
         self._run_t0 = time.perf_counter()
+        if self.before is None and min(self._prune_epochs()) == 0:
+            self._snapshot(engine)
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_t0 = time.perf_counter()
 
     def _epoch_completed(self, engine: Engine) -> None:
-        phase = "train_before_pruning" if engine.state.epoch <= self._first_prune_epoch() else "finetune"
+        phase = "train_before_pruning" if engine.state.epoch <= min(self._prune_epochs()) else "finetune"
         self._add_time(phase, time.perf_counter() - self._epoch_t0)
         epoch = engine.state.epoch
         if (
             self.before is not None
             and epoch == engine.state.max_epochs
-            and epoch > self._last_prune_epoch()
+            and epoch > max(self._prune_epochs())
             and not self._finished
         ):
             # finish before later handlers of this event (StatsHandler) log engine.state.metrics
             self._finish(engine)
             return
-        if self.before is not None or epoch != self._first_prune_epoch():
-            return
+        if self.before is None and epoch == min(self._prune_epochs()):
+            self._snapshot(engine)
+
+    def _snapshot(self, engine: Engine) -> None:
+        """Evaluate and measure the still unpruned network (and keep a frozen copy of it to explain later)."""
         if getattr(self.pruning_handler, "history", None):
             raise RuntimeError(
                 "PruneReportHandler must be attached before RelevancePruningHandler (it pruned first)"
@@ -265,8 +260,8 @@ class PruneReportHandler:
         t0 = time.perf_counter()
         metric = self._evaluate()
         self._add_time("evaluate_before", time.perf_counter() - t0)
-        network = self._network(engine)
-        self.before = {"metric": metric, **self._measure(network)}
+        network = unwrap_network(engine.network)
+        self.before = self._measure(engine, network, metric)
         if self.explain and rank() == 0:
             # a frozen copy of the unpruned network, to compare explanations with once training has ended
             self.unpruned = copy.deepcopy(network).eval()
@@ -274,7 +269,7 @@ class PruneReportHandler:
                 p.requires_grad_(False)
                 p.grad = None
         engine.logger.info(
-            f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before['params']}"
+            f"prune report: before pruning {self.key_metric}={metric:.4f}, params={self.before.params}"
         )
 
     def __call__(self, engine: Engine) -> None:
@@ -286,47 +281,33 @@ class PruneReportHandler:
         """Evaluate and measure the final network, compare explanations, draw the figures, write the report."""
         if self.before is None:
             raise RuntimeError(
-                f"the trainer completed without reaching the first pruning epoch ({self._first_prune_epoch()}); "
+                f"the trainer completed without reaching the first pruning epoch ({min(self._prune_epochs())}); "
                 "give it at least that many epochs"
             )
         self._finished = True
         t0 = time.perf_counter()
         metric_after = self._evaluate()
         self._add_time("evaluate_after", time.perf_counter() - t0)
-        network = self._network(engine)
-        after = self._measure(network)
+        network = unwrap_network(engine.network)
+        after = self._measure(engine, network, metric_after)
         history = list(getattr(self.pruning_handler, "history", None) or [])
         for phase, key in (("relevance", "relevance_time_s"), ("prune", "prune_time_s")):
             vals = [h.get(key) for h in history if h.get(key) is not None]
             if vals:
                 self.timings_s[phase] = float(sum(vals))
         ph = self.pruning_handler
-        before_ch, after_ch = self.before["channels"], after["channels"]
-        report: dict[str, Any] = {
-            "method": getattr(ph, "method", self.settings.get("method")),
-            "ratio": getattr(ph, "ratio", self.settings.get("ratio")),
-            "stages": getattr(ph, "stages", self.settings.get("stages")),
-            **{k: v for k, v in self.settings.items() if k not in ("method", "ratio", "stages")},
-            "params_before": self.before["params"],
-            "params_after": after["params"],
-            "params_removed": 1.0 - after["params"] / max(self.before["params"], 1),
-            "macs_before": self.before["macs"],
-            "macs_after": after["macs"],
-            "macs_removed": 1.0 - after["macs"] / max(self.before["macs"], 1.0),
-            "latency_ms_before": self.before["latency"]["median_ms"],
-            "latency_ms_after": after["latency"]["median_ms"],
-            "latency": {k: v for k, v in after["latency"].items() if not k.endswith("_ms")},
-            "latency_detail": {"before": self.before["latency"], "after": after["latency"]},
-            "metric_name": self.key_metric,
-            "metric_before": self.before["metric"],
-            "metric_pruned": history[-1].get("metric_pruned") if history else None,
-            "metric_after": metric_after,
-            "per_layer": [
-                {"name": n, "channels_before": c, "channels_after": after_ch.get(n, 0)}
-                for n, c in before_ch.items()
-            ],
-            "stages_detail": [{k: v for k, v in h.items() if k != "per_layer"} for h in history],
-        }
+        built = PruneReport(
+            method=getattr(ph, "method", self.settings.get("method")),
+            ratio=getattr(ph, "ratio", self.settings.get("ratio")),
+            stages=getattr(ph, "stages", self.settings.get("stages")),
+            metric_name=self.key_metric,
+            before=self.before,
+            after=after,
+            stages_detail=history,
+            settings=self.settings,
+            relevance_input_shape=list(self.example_inputs.shape),
+        )
+        report = built.to_dict()
         # under torch.distributed every rank measures (the evaluator is collective); rank 0 explains and writes
         if rank() == 0:
             try:
@@ -336,7 +317,6 @@ class PruneReportHandler:
                 report["figures_error"] = f"{type(e).__name__}: {e}"
         self.timings_s["prune_trainer_total"] = time.perf_counter() - self._run_t0
         report["timings_s"] = dict(self.timings_s)
-        report["versions"] = package_versions()
         self.report = report
         if rank() > 0:
             return

@@ -11,24 +11,16 @@ from monai.utils import CommonKeys, IgniteInfo, convert_to_tensor, min_version, 
 from torch import nn
 
 from monai_iaprune.relevance.collect import ChannelRelevance, channel_relevance
-from monai_iaprune.relevance.distributed import all_reduce_sums, is_distributed
+from monai_iaprune.relevance.distributed import all_reduce_sums
 from monai_iaprune.relevance.registry import get_method
+from monai_iaprune.utils.ddp import is_distributed, unwrap_network
+from monai_iaprune.utils.settings import as_bool, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only
     from ignite.engine import Engine
-else:
-    Engine, _ = optional_import(
-        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
-    )
 
-__all__ = ["RelevanceCollector", "unwrap_network", "model_fingerprint"]
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``network`` itself."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return network.module if isinstance(network, wrappers) else network
+__all__ = ["RelevanceCollector", "model_fingerprint"]
 
 
 @torch.no_grad()
@@ -69,6 +61,7 @@ class RelevanceCollector:
         layers: qualified layer names to score; default every conv / linear layer.
         relevance_kwargs: passed to the method (e.g. ``composite`` for LRP, ``n_steps`` for IG).
         absolute: accumulate ``|per-sample relevance|`` (default), as ``channel_relevance`` does.
+        max_batches: explain at most this many batches per evaluation epoch (None: all).
         image_key, label_key: keys of the ``(image, label)`` pair handed to ``channel_relevance``.
         output_transform: ``engine.state.output -> (image, label)``; default reads the evaluator's
             ``"image"`` and ``"label"`` entries (also after decollating postprocessing).
@@ -90,6 +83,7 @@ class RelevanceCollector:
         layers: Sequence[str] | None = None,
         relevance_kwargs: dict | None = None,
         absolute: bool = True,
+        max_batches: int | None = None,
         image_key: str = "image",
         label_key: str = "label",
         output_transform: Callable[[Any], tuple[Any, Any]] = _image_label,
@@ -107,7 +101,9 @@ class RelevanceCollector:
         self.target = target
         self.layers = list(layers) if layers is not None else None
         self.relevance_kwargs = dict(relevance_kwargs or {})
-        self.absolute = absolute
+        self.absolute = as_bool(absolute, "absolute")
+        self.max_batches = check_int(max_batches, "max_batches", allow_none=True)
+        self.batches = 0
         self.image_key = image_key
         self.label_key = label_key
         self.output_transform = output_transform
@@ -140,6 +136,7 @@ class RelevanceCollector:
         """Forget everything collected (called when an evaluation epoch starts)."""
         self.sums = {}
         self.count = 0
+        self.batches = 0
         self.example_input = None
         self.fingerprint = None
 
@@ -174,6 +171,9 @@ class RelevanceCollector:
         Args:
             engine: the evaluator; its current ``state.output`` batch is explained.
         """
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            return
+        self.batches += 1
         image, label = self.output_transform(engine.state.output)
         self.update(unwrap_network(engine.network), image, label)
 

@@ -11,24 +11,29 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.nn.parallel import DistributedDataParallel
 
-from monai_iaprune.distributed import all_reduce_batchnorm, check_same_structure, rewrap_ddp
-from monai_iaprune.handlers.relevance_collector import RelevanceCollector, unwrap_network
+from monai_iaprune.handlers.relevance_collector import RelevanceCollector
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import apply_pruned_structure, pruned_structure
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import prune
 from monai_iaprune.relevance.collect import ChannelRelevance, channel_relevance
-from monai_iaprune.relevance.distributed import all_reduce_relevance, broadcast_module
+from monai_iaprune.relevance.distributed import all_reduce_relevance
 from monai_iaprune.relevance.registry import get_method
 from monai_iaprune.utils.batch import split_batch
+from monai_iaprune.utils.ddp import (
+    all_reduce_batchnorm,
+    broadcast_module,
+    check_same_structure,
+    rewrap_ddp,
+    unwrap_network,
+)
+from monai_iaprune.utils.settings import as_bool, check_int, check_ratio
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only
     from ignite.engine import Engine
-else:
-    Engine, _ = optional_import(
-        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine", as_type="decorator"
-    )
+
+    from monai_iaprune.relevance.collect import ChannelRelevance
 
 __all__ = ["RelevancePruningHandler"]
 
@@ -53,7 +58,8 @@ class RelevancePruningHandler:
         ratio: fraction of the original parameters to remove over all stages, strictly between 0 and 1.
         stages: number of pruning stages.
         prune_epochs: epochs (iterations if ``epoch_level=False``) at whose end a stage runs; default
-            ``[1, ..., stages]``; must hold ``stages`` increasing positive integers.
+            ``[1, ..., stages]``; must hold ``stages`` increasing integers >= 0, where 0 means when the trainer
+            starts (a trained network is pruned before any fine-tuning epoch).
         data: iterable of batches for relevance and BatchNorm re-calibration; default the trainer's
             ``data_loader`` (limited by ``max_batches``).
         collector: a ``RelevanceCollector`` attached to an evaluator; its relevance is used, and its evaluator is
@@ -64,10 +70,14 @@ class RelevancePruningHandler:
             ``max_layer_ratio``, ``normalizer``, ...).
         relevance_kwargs: passed to the relevance method (e.g. ``composite`` for LRP, ``n_steps`` for IG).
         recalibrate_bn: re-estimate BatchNorm running statistics on ``data`` after each stage.
+        fresh_optimizer: after each stage give the trainer a new optimizer of its optimizer's class and settings
+            on the pruned parameters instead of remapping the old one's state (LR schedulers keep the old one).
+        finetune_lr: after each stage set this learning rate on every parameter group; None keeps it.
         evaluator: an evaluator to run right after each stage; its key metric is recorded as ``metric_pruned``.
         key_metric: name of that metric in ``evaluator.state.metrics``; default the evaluator's key metric.
         image_key, label_key: keys of dict batches.
-        max_batches: at most this many batches of ``data`` for relevance and re-calibration.
+        max_batches: at most this many batches of ``data`` for relevance and BatchNorm re-calibration (with a
+            ``collector``, for re-calibration only: the collector explains the evaluator's batches).
         epoch_level: prune at ``EPOCH_COMPLETED`` (True, default) or ``ITERATION_COMPLETED``.
 
     Note:
@@ -104,6 +114,8 @@ class RelevancePruningHandler:
         prune_kwargs: dict | None = None,
         relevance_kwargs: dict | None = None,
         recalibrate_bn: bool = True,
+        fresh_optimizer: bool = False,
+        finetune_lr: float | None = None,
         evaluator: Any = None,
         key_metric: str | None = None,
         image_key: str = "image",
@@ -114,14 +126,8 @@ class RelevancePruningHandler:
     ) -> None:
         if collector is None:
             get_method(method)  # raises for an unknown name, listing the registered ones
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-            raise ValueError(
-                f"bad ratio {ratio!r}: the fraction of parameters to remove must lie strictly between 0 and 1"
-            )
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-            raise ValueError(
-                f"bad stages {stages!r}: the number of pruning stages must be a positive integer"
-            )
+        check_ratio(ratio)
+        check_int(stages, "stages")
         if prune_epochs is None:
             prune_epochs = list(range(1, stages + 1))
         prune_epochs = [int(e) for e in prune_epochs]
@@ -129,8 +135,8 @@ class RelevancePruningHandler:
             raise ValueError(
                 f"prune_epochs {prune_epochs} lists {len(prune_epochs)} epoch(s) but stages={stages}; make them agree"
             )
-        if any(e < 1 for e in prune_epochs) or any(b <= a for a, b in zip(prune_epochs, prune_epochs[1:])):
-            raise ValueError(f"prune_epochs {prune_epochs} must be strictly increasing positive integers")
+        if any(e < 0 for e in prune_epochs) or any(b <= a for a, b in zip(prune_epochs, prune_epochs[1:])):
+            raise ValueError(f"prune_epochs {prune_epochs} must be strictly increasing integers >= 0")
         if collector is not None and not isinstance(collector, RelevanceCollector):
             raise TypeError(f"collector must be a RelevanceCollector, got {type(collector).__name__}")
         prune_kwargs = dict(prune_kwargs or {})
@@ -141,8 +147,9 @@ class RelevancePruningHandler:
             )
         if key_metric is not None and evaluator is None:
             raise ValueError(f"key_metric={key_metric!r} needs an evaluator to compute it")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        check_int(max_batches, "max_batches", allow_none=True)
+        if finetune_lr is not None and (isinstance(finetune_lr, bool) or not float(finetune_lr) > 0):
+            raise ValueError(f"bad finetune_lr {finetune_lr!r}: need a positive learning rate or null")
         self.method = collector.method if collector is not None else method
         self.ratio = float(ratio)
         self.stages = stages
@@ -154,7 +161,9 @@ class RelevancePruningHandler:
         self.ignored_layers = list(ignored_layers or [])
         self.prune_kwargs = prune_kwargs
         self.relevance_kwargs = dict(relevance_kwargs or {})
-        self.recalibrate_bn = recalibrate_bn
+        self.recalibrate_bn = as_bool(recalibrate_bn, "recalibrate_bn")
+        self.fresh_optimizer = as_bool(fresh_optimizer, "fresh_optimizer")
+        self.finetune_lr = None if finetune_lr is None else float(finetune_lr)
         self.evaluator = evaluator
         self.key_metric = key_metric
         self.image_key = image_key
@@ -178,6 +187,8 @@ class RelevancePruningHandler:
         event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
         if engine.has_event_handler(self, event):
             return
+        if 0 in self.prune_epochs and self.epoch_level:
+            engine.add_event_handler(Events.STARTED, self)
         engine.add_event_handler(event, self)
         self.engine = engine
         max_epochs = getattr(engine.state, "max_epochs", None)
@@ -203,7 +214,7 @@ class RelevancePruningHandler:
                         "the RelevanceCollector is not attached to an evaluator: call collector.attach(evaluator)"
                     )
                 self.logger.info("running the evaluator to collect relevance on the current network")
-                self.collector.engine.run(engine.state.epoch)
+                self.collector.engine.run(max(engine.state.epoch, 1))
             return self.collector.relevance  # already all-reduced over ranks when the evaluator completed
         relevance = channel_relevance(
             network,
@@ -218,9 +229,12 @@ class RelevancePruningHandler:
         )
         return all_reduce_relevance(relevance)  # identity outside torch.distributed
 
-    def _example_input(self, engine: Engine, relevance: ChannelRelevance) -> torch.Tensor:
-        if relevance.example_input is not None:
+    def example_input(self, engine: Engine, relevance: ChannelRelevance | None = None) -> torch.Tensor:
+        """One input sample to trace the network: ``relevance``'s (or the collector's) example, else ``data``'s."""
+        if relevance is not None and relevance.example_input is not None:
             return relevance.example_input
+        if self.collector is not None and self.collector.example_input is not None:
+            return self.collector.example_input
         for batch in self._data(engine):
             return torch.as_tensor(split_batch(batch, self.image_key, self.label_key)[0][:1]).float()
         raise ValueError("no example input to trace the network: the data yielded no batch")
@@ -246,7 +260,7 @@ class RelevancePruningHandler:
         relevance = self._relevance(engine, network)
         relevance_time = time.perf_counter() - t0
         self.last_relevance = relevance
-        example = self._example_input(engine, relevance).to(device)
+        example = self.example_input(engine, relevance).to(device)
 
         t0 = time.perf_counter()
         snapshot = parameter_snapshot(network)
@@ -269,16 +283,14 @@ class RelevancePruningHandler:
             )
             all_reduce_batchnorm(network)
         broadcast_module(network, src=0)  # removes any floating-point drift between ranks
-        optimizer = getattr(engine, "optimizer", None)
-        if optimizer is not None:
-            remap_optimizer(optimizer, snapshot, network, result.history)
+        self._update_optimizer(engine, snapshot, network, result.history)
         if isinstance(wrapper, DistributedDataParallel):
             self._rewrap(engine, wrapper, network)
         prune_time = time.perf_counter() - t0
 
         metric = None
         if self.evaluator is not None:
-            self.evaluator.run(engine.state.epoch)
+            self.evaluator.run(max(engine.state.epoch, 1))  # epoch 0: a stage when the trainer starts
             name = self.key_metric or getattr(self.evaluator.state, "key_metric_name", None)
             if name is None or name not in self.evaluator.state.metrics:
                 raise KeyError(
@@ -314,6 +326,24 @@ class RelevancePruningHandler:
             f"parameters removed; relevance {relevance_time:.1f}s, pruning {prune_time:.1f}s"
             + (f", {name} after pruning {metric:.4f}" if metric is not None else "")
         )
+
+    def _update_optimizer(
+        self, engine: Engine, snapshot: Any, network: torch.nn.Module, history: Any
+    ) -> None:
+        """Point the trainer's optimizer at the pruned parameters (remapped state, or a fresh one) at ``finetune_lr``."""
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is None:
+            return
+        if self.fresh_optimizer:
+            optimizer = type(optimizer)(
+                [p for p in network.parameters() if p.requires_grad], **optimizer.defaults
+            )
+            engine.optimizer = optimizer
+        else:
+            remap_optimizer(optimizer, snapshot, network, history)
+        if self.finetune_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.finetune_lr
 
     def _rewrap(self, engine: Engine, old: DistributedDataParallel, network: torch.nn.Module) -> None:
         """Build a new DDP wrapper around the pruned ``network`` and hand it to every engine that held ``old``."""

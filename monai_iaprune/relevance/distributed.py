@@ -6,10 +6,7 @@ import torch
 import torch.distributed as dist
 
 from monai_iaprune.relevance.collect import ChannelRelevance
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from monai_iaprune.utils.ddp import broadcast_module, is_distributed
 
 
 def all_reduce_relevance(relevance: ChannelRelevance, group=None) -> ChannelRelevance:
@@ -120,9 +117,4 @@ def all_reduce_sums(
     return out, int(round(flat[-1].item()))
 
 
-def broadcast_module(module: torch.nn.Module, src: int = 0, group=None) -> None:
-    """Copy every parameter and buffer of ``module`` from rank ``src`` to all ranks (architectures must match)."""
-    if not is_distributed():
-        return
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=src, group=group)
+__all__ = ["all_reduce_relevance", "all_reduce_sums", "broadcast_module", "is_distributed"]

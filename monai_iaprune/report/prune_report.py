@@ -1,7 +1,8 @@
-"""The prune report: latency measurement, package versions, and the JSON + Markdown writer.
+"""The prune report: measurements, the typed ``PruneReport``, latency, package versions, the JSON + Markdown writer.
 
-A report is a plain dict; ``write_prune_report`` checks it holds every required field, then writes
-``prune_report.json`` and ``prune_report.md`` atomically (temp file in the same folder + ``os.replace``).
+``PruneReport`` is the one place a report's fields are built (``to_dict()`` gives the JSON keys);
+``write_prune_report`` checks a dict holds every required field, then writes ``prune_report.json`` and
+``prune_report.md`` atomically (temp file in the same folder + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 from monai_iaprune.pruning.checkpoint import atomic_write
+from monai_iaprune.pruning.prune import count_macs, count_params
+from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 
 REQUIRED_FIELDS = (
     "method",
@@ -277,6 +281,87 @@ def _figure_lines(r: Mapping[str, Any]) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
+@dataclass
+class Measurement:
+    """One network's state in a pruning run: key metric, parameters, MACs, latency, channels per prunable layer."""
+
+    metric: float | None
+    params: int
+    macs: float
+    latency: dict[str, Any]
+    channels: dict[str, int]
+
+    @classmethod
+    def of(
+        cls,
+        network: nn.Module,
+        example_inputs: torch.Tensor,
+        metric: float | None = None,
+        latency_warmup: int = 3,
+        latency_repeats: int = 20,
+    ) -> Measurement:
+        """Measure ``network`` on ``example_inputs`` (moved to the network's device)."""
+        x = example_inputs.to(next(network.parameters()).device)
+        return cls(
+            metric=metric,
+            params=count_params(network),
+            macs=count_macs(network, x),
+            latency=measure_latency(network, x, warmup=latency_warmup, repeats=latency_repeats),
+            channels={
+                n: out_channels(m) for n, m in network.named_modules() if isinstance(m, PRUNABLE_TYPES)
+            },
+        )
+
+
+@dataclass
+class PruneReport:
+    """A pruning run's report: criterion, ``before`` / ``after`` measurements, one record per stage (the pruning
+    handler's ``history``), extra ``settings`` fields and timings; ``to_dict()`` gives ``prune_report.json``'s keys."""
+
+    method: str
+    ratio: float
+    stages: int
+    metric_name: str | None
+    before: Measurement
+    after: Measurement
+    stages_detail: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    relevance_input_shape: list[int] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        b, a = self.before, self.after
+        history = self.stages_detail
+        return {
+            "method": self.method,
+            "ratio": self.ratio,
+            "stages": self.stages,
+            **{k: v for k, v in self.settings.items() if k not in ("method", "ratio", "stages")},
+            "relevance_input_shape": self.relevance_input_shape,
+            "params_before": b.params,
+            "params_after": a.params,
+            "params_removed": 1.0 - a.params / max(b.params, 1),
+            "macs_before": b.macs,
+            "macs_after": a.macs,
+            "macs_removed": 1.0 - a.macs / max(b.macs, 1.0),
+            "latency_ms_before": b.latency["median_ms"],
+            "latency_ms_after": a.latency["median_ms"],
+            "latency": {k: v for k, v in a.latency.items() if not k.endswith("_ms")},
+            "latency_detail": {"before": b.latency, "after": a.latency},
+            "metric_name": self.metric_name,
+            "metric_before": b.metric,
+            "metric_pruned": history[-1].get("metric_pruned") if history else None,
+            "metric_after": a.metric,
+            "per_layer": [
+                {"name": n, "channels_before": c, "channels_after": a.channels.get(n, 0)}
+                for n, c in b.channels.items()
+            ],
+            "stages_detail": [{k: v for k, v in h.items() if k != "per_layer"} for h in history],
+            "timings_s": dict(self.timings_s),
+            "versions": package_versions(),
+        }
+
+
 def write_prune_report(
     report: Mapping[str, Any], output_dir: str | os.PathLike, name: str = "prune_report"
 ) -> tuple[Path, Path]:
@@ -308,6 +393,8 @@ def write_prune_report(
 __all__ = [
     "PACKAGES",
     "REQUIRED_FIELDS",
+    "Measurement",
+    "PruneReport",
     "measure_latency",
     "package_versions",
     "render_markdown",

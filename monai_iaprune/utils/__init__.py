@@ -1,4 +1,4 @@
-"""Helpers every layer of the package uses: reading batches, calling networks."""
+"""The lowest layer: helpers every other part may use (settings checks, DDP, batches, file I/O); imports nothing above."""
 
 from monai_iaprune.utils.batch import (
     FirstOutput,

@@ -1,11 +1,6 @@
-"""Data-parallel pruning under ``torch.distributed``: the same pruning on every rank, and the DDP wrapper rebuilt.
-
-Relevance is scored per rank on its shard and all-reduced (``monai_iaprune.relevance.distributed``), so every
-rank prunes the same channels of the same weights. The helpers here check that the pruned architectures
-agree, average BatchNorm statistics re-estimated per rank, rebuild a ``DistributedDataParallel`` wrapper
-around the pruned module (the old one's reducer holds the removed parameters), and run the bundle steps
-that must happen on one rank only. Every function is a no-op (or the single-process behaviour) outside a
-process group with more than one rank.
+"""Data-parallel helpers under ``torch.distributed``: ranks, the DDP wrapper (unwrap, wrap, rebuild after pruning),
+structure / BatchNorm agreement across ranks. Every function is a no-op (or the single-process behaviour) outside
+a process group with more than one rank.
 """
 
 from __future__ import annotations
@@ -13,9 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import time
-from collections.abc import Iterable, MutableMapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,17 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from monai_iaprune.relevance.distributed import (
-    all_reduce_relevance,
-    all_reduce_sums,
-    broadcast_module,
-    is_distributed,
-)
-
 __all__ = [
     "all_reduce_batchnorm",
-    "all_reduce_relevance",
-    "all_reduce_sums",
     "barrier",
     "broadcast_module",
     "check_same_structure",
@@ -41,17 +25,34 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
-    "load_or_train",
     "rank",
     "rewrap_ddp",
     "set_log_level",
+    "unwrap_network",
+    "world_size",
     "wrap_ddp",
 ]
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``, else ``network`` itself."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return network.module if isinstance(network, wrappers) else network
 
 
 def rank() -> int:
     """This process's global rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
@@ -260,44 +261,9 @@ def set_log_level(engines: Iterable[Any], level: int | str = "WARNING") -> None:
         engine.logger.setLevel(level)
 
 
-def load_or_train(
-    network: nn.Module,
-    checkpoint: str | os.PathLike,
-    trainer: Any,
-    timings: MutableMapping[str, float] | None = None,
-) -> str:
-    """``monai_iaprune.bundle.load_or_train`` for all ranks: train together when needed, rank 0 saves.
-
-    Rank 0 decides whether ``checkpoint`` exists (so the ranks cannot disagree); then every rank loads it, or
-    every rank runs ``trainer`` (DDP keeps them in sync), rank 0 saves and the others wait for the file.
-
-    Args:
-        network: the network, plain or wrapped in DDP (the plain module is loaded / saved).
-        checkpoint: ``models/model.pt``.
-        trainer: the pre-training ``SupervisedTrainer`` (on the DDP-wrapped network).
-        timings: receives ``"pretrain"`` or ``"load_checkpoint"`` seconds.
-
-    Returns:
-        ``"loaded"`` or ``"trained"``.
-    """
-    from monai_iaprune import bundle
-    from monai_iaprune.handlers.relevance_collector import unwrap_network
-
+def broadcast_module(module: torch.nn.Module, src: int = 0, group=None) -> None:
+    """Copy every parameter and buffer of ``module`` from rank ``src`` to all ranks (architectures must match)."""
     if not is_distributed():
-        return bundle.load_or_train(unwrap_network(network), checkpoint, trainer, timings)
-    path = Path(checkpoint)
-    t0 = time.perf_counter()
-    exists = [path.exists()]
-    dist.broadcast_object_list(exists, src=0)
-    if exists[0]:
-        bundle.load_state_dict(unwrap_network(network), path)
-        source = "loaded"
-    else:
-        trainer.run()
-        if is_main_process():
-            bundle.save_state_dict(unwrap_network(network), path)
-        dist.barrier()
-        source = "trained"
-    if timings is not None:
-        timings["pretrain" if source == "trained" else "load_checkpoint"] = time.perf_counter() - t0
-    return source
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src, group=group)
