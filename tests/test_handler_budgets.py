@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from conftest import ROOT
 from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointSaver
-from torch import nn
 from test_handlers import loader, tiny_resnet18
+from torch import nn
 
 import monai_iaprune.handlers.relevance_pruning_handler as rph
 from monai_iaprune.handlers import RelevancePruningHandler
