@@ -209,3 +209,59 @@ def test_depth_on_a_network_without_blocks_fails_before_training():
     with pytest.raises(ValueError, match="depth_ratio=0.2: Sequential has no removable block"):
         handler.attach(trainer)
     assert trainer.state.iteration == 0
+
+
+BUNDLE = ROOT / "bundles" / "classification_2d"
+TINY = {"num_synthetic": 16, "image_size": 16, "batch_size": 8, "epochs": 1, "finetune_epochs": 1}
+
+
+def _bundle_prune(tmp_path, **overrides) -> dict:
+    import json
+    import shutil
+
+    from monai.bundle import run
+
+    b = tmp_path / "classification_2d"
+    shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("models", "eval", "data", "__pycache__"))
+    run("prune", config_file=[str(b / "configs" / c) for c in ("train.json", "prune.json")], bundle_root=str(b),
+        method="taylor", explain="false", latency_repeats=2, **TINY, **overrides)  # fmt: skip
+    report = json.loads((b / "eval" / "prune_report.json").read_text())
+    report["_markdown"] = (b / "eval" / "prune_report.md").read_text()
+    return report
+
+
+def test_bundle_macs_budget_in_two_steps(tmp_path):
+    r = _bundle_prune(tmp_path, prune_target="macs", ratio=0.5, steps=2)
+    assert r["prune_target"] == "macs" and r["steps"] == 2
+    assert r["budget"]["macs"]["requested"] == 0.5 and r["budget"]["macs"]["achieved"] >= 0.5 - 1e-9
+    assert r["macs_removed"] >= 0.5 - 1e-9 and len(r["stages_detail"][0]["steps_detail"]) == 2
+    assert "## Budget" in r["_markdown"] and "| MACs removed | 50.0% |" in r["_markdown"]
+
+
+def test_bundle_depth_ratio_lists_removed_blocks(tmp_path):
+    r = _bundle_prune(tmp_path, depth_ratio=0.2, ratio=0.2)
+    names = [b["name"] for b in r["removed_blocks"]]
+    assert names and all(".denselayer" in n for n in names), names
+    assert r["stages_detail"][0]["depth"]["params_removed"] >= 0.2 - 1e-9
+    assert "## Removed blocks" in r["_markdown"] and f"`{names[0]}`" in r["_markdown"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"steps": 0}, "bad steps 0"),
+        ({"prune_target": "flops"}, "bad prune_target 'flops'"),
+        ({"prune_target": "latency", "speedup": 0.9}, "bad speedup 0.9"),
+        ({"cost_aware": "maybe"}, "bad cost_aware 'maybe'"),
+        ({"depth_ratio": 1.5}, "bad depth_ratio 1.5"),
+    ],
+)
+def test_bundle_bad_budget_settings_fail_before_training(tmp_path, overrides, match):
+    with pytest.raises(Exception) as info:
+        _bundle_prune(tmp_path, **overrides)
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any(match in m for m in chain), chain
+    assert not (tmp_path / "classification_2d" / "models" / "model.pt").exists()  # nothing trained
