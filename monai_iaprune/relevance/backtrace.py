@@ -81,7 +81,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from monai_iaprune.relevance.canonizers import attention_types
+from monai_iaprune.relevance.canonizers import attention_types, attention_weights
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
 from monai_iaprune.relevance.registry import SelectionFn, register_method
@@ -324,15 +324,7 @@ def _einsum_fn(equation: str):
 
 def _explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """``scaled_dot_product_attention`` with the attention weights as constants (eval: no dropout)."""
-    q, k = query.detach(), key.detach()
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    att = q @ k.transpose(-2, -1) * scale
-    if is_causal:
-        n, m = att.shape[-2:]
-        att = att.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=att.device).tril(), float("-inf"))
-    if attn_mask is not None:
-        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-    att = att.softmax(-1)
+    att = attention_weights(query.detach(), key.detach(), attn_mask, is_causal, scale)
     if not value.requires_grad:
         return att @ value
     return _ConstantProductFunction.apply(torch.matmul, True, att, value)

@@ -42,6 +42,7 @@ __all__ = [
     "GraphMergeBatchNorm",
     "ResidualSumCanonizer",
     "SEGateCanonizer",
+    "attention_weights",
     "auto_canonizers",
     "cached_merge_pairs",
     "is_merged_identity",
@@ -464,9 +465,8 @@ class _ConstantAttention(TorchFunctionMode):
         return out
 
 
-def _explicit_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, epsilon=1e-6, **_
-):
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """The softmax weights ``scaled_dot_product_attention`` applies to its ``value`` (eval: no dropout)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     att = query @ key.transpose(-2, -1) * scale
     if is_causal:
@@ -474,7 +474,14 @@ def _explicit_attention(
         att = att.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=att.device).tril(), float("-inf"))
     if attn_mask is not None:
         att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-    return _EpsilonProduct.apply(torch.matmul, True, _ZeroGrad.apply(att.softmax(-1)), value, epsilon)
+    return att.softmax(-1)
+
+
+def _explicit_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, epsilon=1e-6, **_
+):
+    att = attention_weights(query, key, attn_mask, is_causal, scale)
+    return _EpsilonProduct.apply(torch.matmul, True, _ZeroGrad.apply(att), value, epsilon)
 
 
 def _constant_attention_forward(self: nn.Module, *args, **kwargs):
