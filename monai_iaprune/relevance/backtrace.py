@@ -848,18 +848,9 @@ def backtrace(
     mode: str = "default",
     **_: Any,
 ) -> dict[str, torch.Tensor]:
-    """DL-Backtrace per-sample, per-output-channel relevance ``{name: [B, C]}`` at each layer's output.
-
-    Args:
-        model: the network (``channel_relevance`` puts it in eval mode).
-        inputs: a batch ``[B, C, *spatial]``.
-        select: ``output -> 0/1 selection`` of what is explained; relevance starts as ``select * output``.
-        layers: ``{name: conv / linear module}`` to score.
-        mode: ``"default"``; ``"contrastive"`` is not implemented (raises ``NotImplementedError``).
-
-    Returns:
-        ``{name: [B, C]}``: each layer's output relevance summed over positions (signed; the collector
-        takes ``|.|`` per sample).
+    """DL-Backtrace per-sample, per-output-channel relevance ``{name: [B, C]}`` at the output of each conv / linear
+    module in ``layers``: ``backtrace_relevance_maps`` (same arguments) summed over positions (signed; the
+    collector takes ``|.|`` per sample). ``mode="contrastive"`` is not implemented (raises ``NotImplementedError``).
     """
     maps = backtrace_relevance_maps(model, inputs, select, layers, mode)
     return {name: per_sample_channel_sum(layers[name], r) for name, r in maps.items()}
