@@ -290,7 +290,18 @@ def _transformer_block_forward(self: TransformerBlock, x, context=None, attn_mas
     return _sum(self, x, self.mlp(self.norm2(x)))
 
 
-class ResidualSumCanonizer(AttributeCanonizer):
+class _OwnMapCanonizer(AttributeCanonizer):
+    """An ``AttributeCanonizer`` whose attribute map is its own ``_attribute_map``."""
+
+    def __init__(self):
+        super().__init__(self._attribute_map)
+
+    def copy(self) -> _OwnMapCanonizer:
+        """Return a fresh instance."""
+        return type(self)()
+
+
+class ResidualSumCanonizer(_OwnMapCanonizer):
     """Route the residual additions of MONAI blocks through an explicit ``zennit.layer.Sum`` module.
 
     Handles ``ResidualUnit`` (UNet with ``num_res_units > 0``), ``ResNetBlock`` / ``ResNetBottleneck`` (MONAI
@@ -307,9 +318,6 @@ class ResidualSumCanonizer(AttributeCanonizer):
         TransformerBlock: _transformer_block_forward,
     }
 
-    def __init__(self):
-        super().__init__(self._attribute_map)
-
     @classmethod
     def _attribute_map(cls, name: str, module: nn.Module) -> dict[str, Any] | None:
         if isinstance(module, SkipConnection) and module.mode != "add":
@@ -321,10 +329,6 @@ class ResidualSumCanonizer(AttributeCanonizer):
                     attrs.update(canonizer_sum_attn=Sum(), canonizer_sum_cross=Sum())
                 return attrs
         return None
-
-    def copy(self) -> ResidualSumCanonizer:
-        """Return a fresh instance."""
-        return ResidualSumCanonizer()
 
 
 class _ConstantGate(torch.autograd.Function):
@@ -350,16 +354,13 @@ def _channel_se_forward(self: ChannelSELayer, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
-class SEGateCanonizer(AttributeCanonizer):
+class SEGateCanonizer(_OwnMapCanonizer):
     """Treat the sigmoid gate of MONAI ``ChannelSELayer`` (and ``ResidualSELayer``) as a constant.
 
     Relevance of ``x * gate`` goes to ``x`` in full; the squeeze-excitation branch (its two ``Linear`` layers)
     receives zero relevance, so LRP scores those channels as 0. Use another criterion (e.g. ``"taylor"``) or
     ``ignored_layers`` for SE layers when pruning them matters.
     """
-
-    def __init__(self):
-        super().__init__(self._attribute_map)
 
     @staticmethod
     def _attribute_map(name: str, module: nn.Module) -> dict[str, Any] | None:
@@ -369,10 +370,6 @@ class SEGateCanonizer(AttributeCanonizer):
                 attrs["canonizer_sum"] = Sum()
             return attrs
         return None
-
-    def copy(self) -> SEGateCanonizer:
-        """Return a fresh instance."""
-        return SEGateCanonizer()
 
 
 class _ZeroGrad(torch.autograd.Function):
