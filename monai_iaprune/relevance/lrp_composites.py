@@ -79,9 +79,15 @@ _OUTPUT_RULE_TYPES = (nn.Linear, ConvolutionStandard)
 
 
 class _PackageComposite:
-    """The constructor every composite here shares (``epsilon``, ``stabilizer``, ``canonizers``); ``_maps`` says
-    what the zennit base class gets besides ``canonizers``. By default that is a zennit composite that takes
-    ``epsilon`` / ``stabilizer`` and prepends ``layer_map`` (this package's rules) to its own map."""
+    """The constructor every composite here shares; ``_maps`` says what the zennit base class gets besides
+    ``canonizers``. By default that is a zennit composite that takes ``epsilon`` / ``stabilizer`` and prepends
+    ``layer_map`` (this package's rules) to its own map.
+
+    Args:
+        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
+        stabilizer: stabiliser of the other rules (ZPlus, AlphaBeta, Flat, Norm on sums and average pools).
+        canonizers: canonizers applied before the rules are registered.
+    """
 
     def __init__(
         self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers: list[Canonizer] | None = None
@@ -95,13 +101,7 @@ class _PackageComposite:
 
 @register_lrp_composite("epsilon")
 class EpsilonComposite(_PackageComposite, LayerMapComposite):
-    """Epsilon on every linear / conv layer.
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules (Norm on sums and average pools).
-        canonizers: canonizers applied before the rules are registered.
-    """
+    """Epsilon on every linear / conv layer (``stabilizer``: only Norm on sums and average pools)."""
 
     @staticmethod
     def _maps(epsilon: float, stabilizer: float) -> dict[str, Any]:
@@ -111,13 +111,7 @@ class EpsilonComposite(_PackageComposite, LayerMapComposite):
 
 @register_lrp_composite("zplus")
 class ZPlusComposite(_PackageComposite, LayerMapComposite):
-    """ZPlus on every linear / conv layer.
-
-    Args:
-        epsilon: epsilon of the normalisation rules.
-        stabilizer: stabiliser of ZPlus and of the other rules.
-        canonizers: canonizers applied before the rules are registered.
-    """
+    """ZPlus on every linear / conv layer (``epsilon``: only the normalisation rules)."""
 
     @staticmethod
     def _maps(epsilon: float, stabilizer: float) -> dict[str, Any]:
@@ -129,11 +123,6 @@ class ZPlusComposite(_PackageComposite, LayerMapComposite):
 class EpsilonPlusFlatComposite(_PackageComposite, SpecialFirstLayerMapComposite):
     """zennit's ``EpsilonPlusFlat`` (Flat on the first layer, ZPlus on convs, Epsilon on dense layers) with its
     ZPlus / Epsilon as output rules (same values, see tests/test_lrp.py).
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules.
-        canonizers: canonizers applied before the rules are registered.
     """
 
     @staticmethod
@@ -153,11 +142,6 @@ class EpsilonPlusFlatComposite(_PackageComposite, SpecialFirstLayerMapComposite)
 class AlphaBetaComposite(_PackageComposite, EpsilonAlpha2Beta1):
     """zennit's ``EpsilonAlpha2Beta1`` (AlphaBeta(2, 1) on convs, Epsilon on dense layers) with this package's
     rules for BatchNorm, normalisation layers and activations.
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules.
-        canonizers: canonizers applied before the rules are registered.
     """
 
 
@@ -165,11 +149,6 @@ class AlphaBetaComposite(_PackageComposite, EpsilonAlpha2Beta1):
 class EpsilonAlpha2Beta1FlatComposite(_PackageComposite, EpsilonAlpha2Beta1Flat):
     """zennit's ``EpsilonAlpha2Beta1Flat`` with this package's rules for BatchNorm, normalisation layers and
     activations.
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules.
-        canonizers: canonizers applied before the rules are registered.
     """
 
 
