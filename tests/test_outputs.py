@@ -16,7 +16,6 @@ from conftest import ROOT
 
 from monai_iaprune.utils.outputs import (
     LOCK_NAME,
-    OutputLockedError,
     OutputTransaction,
     acquire_lock,
     check_folder_writable,

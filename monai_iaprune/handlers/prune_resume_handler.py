@@ -136,6 +136,7 @@ class PruneResumeHandler:
         if id(engine) in self._attached:
             return
         self._attached.add(id(engine))
+        self.logger = engine.logger
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.restore)
         engine.add_event_handler(Events.EPOCH_STARTED, self)
