@@ -168,11 +168,18 @@ class OutputTransaction:
         self._locks: list[Path] = []
         self._temps: dict[Path, Path] = {}
         self._scratch: list[Path] = []
+        self._created: list[
+            tuple[Path, Path]
+        ] = []  # (folder, its top-most ancestor this transaction created)
+        self._committed = False
 
     def begin(self) -> OutputTransaction:
         """Check writability, lock, clean stale temporary files, refuse existing outputs (unless ``overwrite``)."""
         for folder in self.folders:
+            top = next((a for a in reversed([folder, *folder.parents]) if not a.exists()), None)
             check_folder_writable(folder)
+            if top is not None:
+                self._created.append((folder, top))
         try:
             if self.lock:
                 for folder in self.folders:
@@ -225,6 +232,7 @@ class OutputTransaction:
                 os.replace(tmp, path)
             done.append(path)
         self._temps = {}
+        self._committed = True
         self.abort()  # the scratch folders
         return done
 
@@ -241,10 +249,20 @@ class OutputTransaction:
         self._scratch = []
 
     def release(self) -> None:
-        """Release the lock files."""
+        """Release the lock files; without a commit, remove the (empty) folders this transaction created."""
         for path in self._locks:
             release_lock(path)
         self._locks = []
+        if not self._committed:
+            for folder, top in self._created:
+                for d in [folder, *folder.parents]:
+                    try:
+                        d.rmdir()  # only empty folders
+                    except OSError:
+                        break
+                    if d == top:
+                        break
+        self._created = []
 
     def __enter__(self) -> OutputTransaction:
         return self.begin()
