@@ -469,8 +469,8 @@ def _prune_in_transaction(
     # a new run from epoch 0 (stage 1 at STARTED), also after the trainer pre-trained the network; or the resumed one
     start = resumer.trainer_state() or (0, 0)
     trainer.state.epoch, trainer.state.iteration, trainer.state.max_epochs = *start, epochs
-    trainer.run()
     report_handler.settings["resumed_from_epoch"] = start[0] if resume else None
+    trainer.run()
 
     extra = {"method": pruning_handler.method, "ratio": pruning_handler.ratio, "stages": stages}
     if tx is not None:

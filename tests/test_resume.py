@@ -99,3 +99,67 @@ def test_resume_without_resume_file_is_a_clear_error(tmp_path):
     )
     assert proc.returncode != 0 and "no resume file" in proc.stderr
     assert not (b / "models" / "model.pt").exists()  # refused before training
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the handler alone, in process: a trainer that crashes in stage 3 and a new one that resumes
+# ------------------------------------------------------------------------------------------------------------------
+def _handler_run(resume_file: Path, resume: bool = False, crash_before_stage: int | None = None):
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+    from test_handlers import tiny_resnet18
+
+    from monai_iaprune.handlers import PruneResumeHandler, RelevancePruningHandler
+
+    torch.manual_seed(0)
+    net = tiny_resnet18()
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.randn(1, 16, 16, generator=g), "label": i % 3} for i in range(12)]
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=4, shuffle=True
+    )  # shuffling draws from the torch RNG
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    handler = RelevancePruningHandler(
+        method="taylor", ratio=0.6, stages=3, prune_epochs=[0, 1, 2], max_batches=2
+    )
+    resumer = PruneResumeHandler(resume_file, handler, resume=resume, settings={"ratio": 0.6})
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=4,
+        train_data_loader=loader,
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.CrossEntropyLoss(),
+    )
+    if crash_before_stage is not None:
+
+        @trainer.on(Events.EPOCH_COMPLETED)
+        def _crash(engine):
+            if engine.state.epoch == handler.prune_epochs[crash_before_stage - 1]:
+                raise KeyboardInterrupt("killed in stage 3")
+
+    resumer.attach(trainer)
+    handler.attach(trainer)
+    if resume:
+        trainer.state.epoch, trainer.state.iteration = resumer.trainer_state()
+    trainer.run()
+    return net, handler
+
+
+def test_handler_resume_matches_an_uninterrupted_run(tmp_path):
+    full, full_handler = _handler_run(tmp_path / "a" / "resume.pt")
+    resume = tmp_path / "b" / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _handler_run(resume, crash_before_stage=3)
+    assert len(safe_load(resume)["pruning"]["history"]) == 2
+    resumed, handler = _handler_run(resume, resume=True)
+    assert [h["params_after"] for h in handler.history] == [h["params_after"] for h in full_handler.history]
+    assert {k: v.shape for k, v in resumed.state_dict().items()} == {
+        k: v.shape for k, v in full.state_dict().items()
+    }
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="other settings"):
+        from monai_iaprune.handlers import PruneResumeHandler
+
+        PruneResumeHandler(resume, handler, resume=True, settings={"ratio": 0.5})
