@@ -37,7 +37,7 @@ from monai_iaprune.handlers.patch_output_transform import PATCH_MODES
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.prune import count_params
 from monai_iaprune.relevance.registry import METHODS
-from monai_iaprune.utils.ddp import barrier, is_main_process, unwrap_network, world_size
+from monai_iaprune.utils.ddp import barrier, is_distributed, is_main_process, unwrap_network, world_size
 from monai_iaprune.utils.outputs import OutputTransaction
 from monai_iaprune.utils.settings import as_bool, check_int
 
@@ -382,7 +382,7 @@ def prune_host_bundle(
             )
 
     # checks, locks and stale temporary files before any work (rank 0 writes; the others only compute)
-    tx = OutputTransaction(outputs, overwrite).begin() if is_main_process() else None
+    tx = _open_outputs(outputs, overwrite)
     final_report_dir = report_handler.output_dir
     try:
         return _prune_in_transaction(
@@ -394,6 +394,28 @@ def prune_host_bundle(
         report_handler.output_dir = final_report_dir
         if tx is not None:
             tx.__exit__(None, None, None)
+
+
+def _open_outputs(outputs: Sequence[Path], overwrite: bool) -> OutputTransaction | None:
+    """Rank 0 opens the output transaction; its error is raised on every rank, so no rank waits in a collective."""
+    tx, error = None, [None]
+    if is_main_process():
+        try:
+            tx = OutputTransaction(outputs, overwrite).begin()
+        except Exception as e:
+            if not is_distributed():
+                raise
+            error = [f"{type(e).__name__}: {e}"]
+            first = e
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        if is_main_process():
+            raise first
+        raise RuntimeError(f"rank 0 could not open the prune run's outputs: {error[0]}")
+    return tx
 
 
 def _prune_in_transaction(
