@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_iaprune.utils.batch import split_batch
+from monai_iaprune.utils.batch import model_device, split_batch
 
 
 @torch.no_grad()
@@ -47,8 +47,7 @@ def recalibrate_batchnorm(
     ]
     if not bns:
         return 0
-    if device is None:
-        device = next(model.parameters()).device
+    device = model_device(model) if device is None else device
     was_training = model.training
     momenta = [m.momentum for m in bns]
     saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]

@@ -39,11 +39,7 @@ _SKIP_ATTRS = {"training"}
 
 
 def _plain(value: Any) -> bool:
-    if isinstance(value, _PRIMITIVES):
-        return True
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return False
+    return isinstance(value, _PRIMITIVES) or (isinstance(value, (tuple, list)) and all(map(_plain, value)))
 
 
 def _as_data(value: Any) -> Any:
@@ -61,10 +57,7 @@ def _as_data(value: Any) -> Any:
 
 
 def pruned_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Record what pruning changes in each module, in a form ``torch.load(weights_only=True)`` reads.
-
-    Args:
-        model: the (pruned) network.
+    """What pruning changed in each module of ``model``, as data ``torch.load(weights_only=True)`` reads.
 
     Returns:
         ``{module name: {"params": {name: shape | None}, "buffers": {name: shape | None},
@@ -158,9 +151,6 @@ def atomic_write(
         write: called with the open binary temporary file.
         overwrite: replace an existing ``path``; otherwise refuse.
 
-    Returns:
-        ``path`` as a ``Path``.
-
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
@@ -185,11 +175,7 @@ def atomic_write(
 
 
 def save_pruned(
-    model: nn.Module,
-    path: str | os.PathLike,
-    extra: dict[str, Any] | None = None,
-    *,
-    overwrite: bool = False,
+    model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None, *, overwrite: bool = False
 ) -> Path:
     """Save a pruned network so a fresh process can load it although ``network_def`` has other shapes.
 
@@ -202,9 +188,6 @@ def save_pruned(
         extra: anything else to store (e.g. ``PruneResult.as_dict()``, the relevance method): tensors and
             plain Python values (numbers, strings, lists, dicts, None) only.
         overwrite: replace an existing file; otherwise ``FileExistsError``.
-
-    Returns:
-        ``path`` as a ``Path``.
 
     Raises:
         TypeError: ``extra`` holds something other than tensors and plain values (a safe load would refuse it).
@@ -340,9 +323,6 @@ def export_torchscript(
         overwrite: replace an existing file; otherwise ``FileExistsError``.
         check: reload the written module and compare its output with ``model``'s.
         atol: tolerance of that check.
-
-    Returns:
-        ``path`` as a ``Path``.
 
     Raises:
         ValueError: unknown ``method``, or the exported module's output differs from the model's.

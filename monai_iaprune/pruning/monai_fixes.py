@@ -63,10 +63,6 @@ def concat_width_fix() -> Iterator[None]:
         shape_infer.infer_out_channels_recursively = original
 
 
-def _no_width(*args, **kwargs) -> None:
-    return None
-
-
 def _concat_mapping_cached(graph, cat_node) -> None:
     """``update_concat_index_mapping`` that checks "is this a channel concat" once per concat node.
 
@@ -83,7 +79,7 @@ def _concat_mapping_cached(graph, cat_node) -> None:
     if not verdict:
         return
     infer_in = shape_infer.infer_in_channels_recursively
-    shape_infer.infer_in_channels_recursively = _no_width  # skips only the width check
+    shape_infer.infer_in_channels_recursively = lambda *a, **k: None  # skips only the width check
     try:
         _ORIGINAL_CONCAT_MAPPING(graph, cat_node)
     finally:
@@ -150,9 +146,6 @@ def monai_pruning_fixes(model: nn.Module) -> Iterator[None]:
     """Context in which torch-pruning can trace and prune ``model`` (a MONAI network or any torch module).
 
     Applies ``concat_width_fix``, ``no_inplace_activations`` and ``cached_concat_mapping``; all are undone on exit.
-
-    Args:
-        model: the network about to be traced / pruned.
     """
     with ExitStack() as stack:
         stack.enter_context(concat_width_fix())
@@ -188,9 +181,6 @@ def pruner_kwargs_for(model: nn.Module) -> dict[str, Any]:
       attention reshapes channels into heads; torch-pruning 1.6.1 maps neither, so the pruned network
       fails (see VainF/Torch-Pruning#387 and the Swin/ViT notes in its README). SwinUNETR's conv
       encoders and decoder stay prunable.
-
-    Args:
-        model: the network.
 
     Returns:
         A dict that may hold ``num_heads`` and ``ignored_layers``; ``prune`` merges ``ignored_layers``

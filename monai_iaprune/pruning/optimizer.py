@@ -21,11 +21,7 @@ HistoryEntry = tuple[str, str, Sequence[int]]
 
 
 def parameter_snapshot(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Return ``{qualified name: Parameter}`` of ``model``, taken before pruning for ``remap_optimizer``.
-
-    Args:
-        model: the network about to be pruned.
-    """
+    """Return ``{qualified name: Parameter}`` of ``model``, taken before pruning for ``remap_optimizer``."""
     return dict(model.named_parameters())
 
 
@@ -50,9 +46,8 @@ def _removal_dims(module: nn.Module, param_name: str, kind: str, ndim: int) -> i
     if isinstance(module, nn.Embedding):
         return 1
     if isinstance(module, nn.PReLU) and ndim == 1:
-        return (
-            0 if module.num_parameters > 1 else None
-        )  # torch-pruning leaves a shared (1-parameter) PReLU alone
+        # torch-pruning leaves a shared (1-parameter) PReLU alone
+        return 0 if module.num_parameters > 1 else None
     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
         return 0
     raise NotImplementedError(

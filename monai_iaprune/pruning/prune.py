@@ -42,14 +42,8 @@ class CountsBeforeAfter:
 
     def counts(self) -> dict[str, float]:
         """``params_before/after/removed`` and ``macs_before/after/removed`` as a dict."""
-        return {
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "params_removed": self.params_removed,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "macs_removed": self.macs_removed,
-        }
+        keys = [f"{count}_{when}" for count in ("params", "macs") for when in ("before", "after", "removed")]
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -417,23 +411,13 @@ def prune(
             if value is None:
                 value = latency_table.channel_cost(c)
             unit_cost.update(dict.fromkeys(c.out_layers, value))
-    args = (
-        example_inputs,
-        None,
-        global_pruning,
-        round_to,
-        max_layer_ratio,
-        normalizer,
-        group_reduction,
-        extra,
-        unit_cost,
-    )
+    options = (global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, extra, unit_cost)
 
     def trial(p: float) -> tuple[nn.Module, float, list]:
         m = copy.deepcopy(model)
         mods = dict(m.named_modules())
         ign = [mods[n] for n, mod in modules.items() if mod in ignored]
-        hist = _apply(m, relevance, p, args[0], ign, *args[2:])
+        hist = _apply(m, relevance, p, example_inputs, ign, *options)
         if target == "params":
             reached = 1.0 - count_params(m) / params_before
         elif target == "latency":
@@ -455,7 +439,7 @@ def prune(
                     f"speedup {speedup} is not reachable (estimated from the latency table): {e}"
                 ) from None
             raise
-    history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *args[2:])
+    history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *options)
     latency_after = estimated_speedup = None
     if target == "latency":
         estimated_speedup = latency_estimate_before / latency_table.estimate_model(model)

@@ -37,9 +37,6 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
     Found on the ``torch.fx`` graph of ``model``; an empty list (with a warning) when ``model`` cannot be
     traced. Pre-activation BatchNorms (DenseNet's, which read a concatenation) are not paired.
-
-    Args:
-        model: the network.
     """
     try:
         gm = torch.fx.symbolic_trace(model)
@@ -121,17 +118,8 @@ class OneDNNConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transposed:
             f = nn.functional.conv_transpose3d if self.spatial_dims == 3 else nn.functional.conv_transpose2d
-            y = f(
-                x.to_mkldnn(),
-                self.weight,
-                self.bias,
-                self.stride,
-                self.padding,
-                self.output_padding,
-                self.groups,
-                self.dilation,
-            )
-            return y.to_dense()
+            args = (self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+            return f(x.to_mkldnn(), self.weight, self.bias, *args).to_dense()
         return torch.ops.aten.mkldnn_convolution(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
         )
