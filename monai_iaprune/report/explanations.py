@@ -314,11 +314,8 @@ def _explain_pair(
             sel = explained_selection(model_a, x, y, target)
             ma.append(attribution_maps(model_a, x, method, selection=sel, **map_kwargs).cpu())
             if model_b is not None:
-                mb.append(
-                    attribution_maps(
-                        model_b, x.to(model_device(model_b)), method, selection=sel, **map_kwargs
-                    ).cpu()
-                )
+                xb = x.to(model_device(model_b))
+                mb.append(attribution_maps(model_b, xb, method, selection=sel, **map_kwargs).cpu())
             xs.append(x.cpu())
             ys.append(None if y is None else y.cpu())
             sels.append(sel.cpu())
@@ -357,8 +354,7 @@ def explanation_agreement(
         map_kwargs: passed to ``attribution_maps`` (``n_steps``, ``baseline``, ``composite``, ...).
 
     Returns:
-        ``{spearman_median, spearman_iqr, top10_iou_median, top10_iou_iqr, ssim_median, ssim_iqr,
-        n_images, per_image: {spearman, top10_iou, ssim}}`` (see ``agreement_from_maps``).
+        ``agreement_from_maps``'s dict (medians, IQRs and per-image values).
     """
     _, _, _, ma, mb = _explain_pair(
         model_a, model_b, data, method, target, max_samples, image_key, label_key, map_kwargs
@@ -610,19 +606,11 @@ def explanation_report(
             "insertion_curve": i.mean(0).tolist(),
         }
     k = min(n_images, x.shape[0])
-    pngs = [
-        str(
-            plot_heatmap_overlays(
-                x[:k], ma[:k], mb[:k], out_dir / f"{prefix}_heatmaps.png", titles=tuple(labels)
-            )
-        ),
-        str(
-            plot_faithfulness_curves(
-                {labels[0]: faith["base"], labels[1]: faith["pruned"]},
-                out_dir / f"{prefix}_deletion_insertion.png",
-            )
-        ),
-    ]
+    heatmaps_png = out_dir / f"{prefix}_heatmaps.png"
+    curves_png = out_dir / f"{prefix}_deletion_insertion.png"
+    plot_heatmap_overlays(x[:k], ma[:k], mb[:k], heatmaps_png, titles=tuple(labels))
+    plot_faithfulness_curves({labels[0]: faith["base"], labels[1]: faith["pruned"]}, curves_png)
+    pngs = [str(heatmaps_png), str(curves_png)]
     if writer is not None:
         log_heatmaps_to_tensorboard(
             writer, x[:k], ma[:k], mb[:k], step=global_step, tag=prefix, names=tuple(labels)

@@ -43,8 +43,6 @@ def _save(fig: Figure, path: PathLike) -> Path:
 
 
 def _to_float(v: Any) -> float:
-    if v is None or (isinstance(v, str) and v.strip() == ""):
-        return float("nan")
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -82,9 +80,6 @@ def plot_accuracy_vs_params(
         baseline_acc: accuracy of the unpruned model, drawn as a horizontal line.
         metric: column stem, e.g. ``"acc"`` or ``"auc"``.
         title: figure title (default: dataset / model).
-
-    Returns:
-        The path written.
     """
     data = _read_rows(rows)
     if dataset is not None:
@@ -124,15 +119,8 @@ def plot_accuracy_vs_params(
             xs = np.array([p[0] for p in pts]) * scale
             mean = np.array([np.mean(p[1]) for p in pts])
             std = np.array([np.std(p[1]) for p in pts])
-            ax.plot(
-                xs,
-                mean,
-                style,
-                marker="o",
-                ms=4,
-                color=color,
-                label=f"{name} ({kind.replace('finetuned', 'fine-tuned')})",
-            )
+            label = f"{name} ({kind.replace('finetuned', 'fine-tuned')})"
+            ax.plot(xs, mean, style, marker="o", ms=4, color=color, label=label)
             if (std > 0).any():
                 ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
     if baseline_acc is not None:
@@ -141,18 +129,9 @@ def plot_accuracy_vs_params(
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title(
-        title
-        if title is not None
-        else " / ".join(
-            c
-            for c in (
-                dataset or (combos[0][0] if len(combos) == 1 else ""),
-                model or (combos[0][1] if len(combos) == 1 else ""),
-            )
-            if c
-        )
-    )
+    single = combos[0] if len(combos) == 1 else ("", "")
+    default_title = " / ".join(c for c in (dataset or single[0], model or single[1]) if c)
+    ax.set_title(title if title is not None else default_title)
     return _save(fig, path)
 
 
@@ -181,9 +160,6 @@ def plot_channels_per_layer(channels: Any, path: PathLike, *, title: str | None 
             ``{name, channels_before, channels_after}`` dicts.
         path: PNG file to write.
         title: figure title.
-
-    Returns:
-        The path written.
     """
     pairs = _channel_pairs(channels)
     if not pairs:
@@ -225,9 +201,6 @@ def plot_relevance_distribution(
             layers of different scales share an axis.
         log_scale: log y axis (only for positive values).
         title: figure title (default: the relevance method).
-
-    Returns:
-        The path written.
     """
     if kind not in ("box", "violin"):
         raise ValueError(f"kind must be 'box' or 'violin', got {kind!r}")
@@ -307,9 +280,6 @@ def plot_heatmap_overlays(
         alpha: heatmap opacity.
         cmap: matplotlib colour map of the heatmap.
         max_images: show at most this many images.
-
-    Returns:
-        The path written.
     """
     x = torch.as_tensor(images).detach().float().cpu()
     if x.ndim not in (4, 5):
@@ -357,9 +327,6 @@ def plot_faithfulness_curves(
             ``insertion_curve`` and may have ``deletion_auc`` / ``insertion_auc``.
         path: PNG file to write.
         title: figure title.
-
-    Returns:
-        The path written.
     """
     if not results:
         raise ValueError("no curves to plot")

@@ -25,6 +25,7 @@ from torch import nn
 from monai_iaprune.pruning.checkpoint import atomic_write
 from monai_iaprune.pruning.prune import count_macs, count_params
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
+from monai_iaprune.utils.batch import model_device
 
 REQUIRED_FIELDS = (
     "method",
@@ -95,10 +96,7 @@ def measure_latency(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = torch.device(model_device(model) if device is None else device)
     x = example_inputs.to(device)
     was_training = model.training
     model.eval()
@@ -274,19 +272,14 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
     if "expl_spearman" not in r:
         return []
     settings = r.get("explanation_settings") or {}
-    method = {"ig": "Integrated Gradients", "lrp": "LRP"}.get(
-        r.get("explanation_method"), r.get("explanation_method")
-    )
-    lines = [
+    code = r.get("explanation_method")
+    method = {"ig": "Integrated Gradients", "lrp": "LRP"}.get(code, code)
+    return [
         "",
         "## Explanations",
         "",
         f"Input attribution maps ({method or 'n/a'}"
-        + (
-            f", {settings['n_steps']} steps"
-            if r.get("explanation_method") == "ig" and "n_steps" in settings
-            else ""
-        )
+        + (f", {settings['n_steps']} steps" if code == "ig" and "n_steps" in settings else "")
         + f") of the unpruned and the final pruned network on {r.get('n_images', '?')} held-out image(s), "
         "both explaining the same target (the label, or the unpruned network's prediction). Agreement per image, median (IQR):",
         "",
@@ -305,7 +298,6 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
         f"| deletion | {_fmt(r.get('deletion_auc_base'), 3)} | {_fmt(r.get('deletion_auc_pruned'), 3)} |",
         f"| insertion | {_fmt(r.get('insertion_auc_base'), 3)} | {_fmt(r.get('insertion_auc_pruned'), 3)} |",
     ]
-    return lines
 
 
 def _figure_lines(r: Mapping[str, Any]) -> list[str]:
@@ -441,18 +433,10 @@ class PruneReport:
 def write_prune_report(
     report: Mapping[str, Any], output_dir: str | os.PathLike, name: str = "prune_report"
 ) -> tuple[Path, Path]:
-    """Write ``{name}.json`` and ``{name}.md`` into ``output_dir`` (created if needed), atomically.
-
-    Args:
-        report: the report dict; must hold every key of ``REQUIRED_FIELDS``.
-        output_dir: destination folder.
-        name: file stem.
-
-    Returns:
-        ``(json path, markdown path)``.
+    """Write ``{name}.json`` and ``{name}.md`` into ``output_dir`` (created if needed), atomically; return both paths.
 
     Raises:
-        KeyError: a required field is missing (all missing ones are named).
+        KeyError: ``report`` misses fields of ``REQUIRED_FIELDS`` (all missing ones are named).
     """
     missing = [k for k in REQUIRED_FIELDS if k not in report]
     if missing:
