@@ -134,9 +134,7 @@ class _PathRecorder(LayerHooks):
                     f"layer {name!r} returned {type(output).__name__}; conductance needs a tensor output"
                 )
             self.outputs.setdefault(name, []).append((output, output._version))
-            if name in self.clone:
-                return output.clone()
-            return None
+            return output.clone() if name in self.clone else None
 
         return fn
 
@@ -261,13 +259,7 @@ def ig_input_maps(
 ) -> torch.Tensor:
     """Integrated Gradients (captum) at the input of ``(selection * output).sum()`` per sample; maps like ``inputs``.
 
-    Args:
-        model: the network, in eval mode.
-        inputs: ``[B, C, *spatial]``.
-        selection: 0/1 selection of the output that is explained, of the output's shape.
-        n_steps: IG integration steps.
-        baseline: IG baseline: a value or a tensor broadcastable to ``inputs``.
-        internal_batch_size: captum's internal batch size (limits memory for 3D inputs).
+    ``model`` in eval mode; the other arguments as in ``report.explanations.attribution_maps``.
     """
     from captum.attr import IntegratedGradients
 
@@ -352,16 +344,9 @@ def conductance(
     with no_param_grad(model):
         for start in range(0, batch, group):
             part = slice(start, start + group)
+            sel_part = None if sel is None else sel[part]
             values, _ = _path_conductance(
-                model,
-                x[part],
-                base[part],
-                None if sel is None else sel[part],
-                select,
-                layers,
-                alphas,
-                steps_per_chunk,
-                clone,
+                model, x[part], base[part], sel_part, select, layers, alphas, steps_per_chunk, clone
             )
             for name, v in values.items():
                 out.setdefault(name, []).append(v)
