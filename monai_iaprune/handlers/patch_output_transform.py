@@ -51,9 +51,7 @@ class PatchOutputTransform:
     @staticmethod
     def _foreground(label: torch.Tensor) -> torch.Tensor:
         """Boolean foreground ``[*spatial]`` of one sample's label (index map ``[1, *sp]`` or one-hot ``[K, *sp]``)."""
-        if label.shape[0] > 1:
-            return label.argmax(0) > 0
-        return label[0] > 0
+        return label.argmax(0) > 0 if label.shape[0] > 1 else label[0] > 0
 
     def _starts(
         self, spatial: Sequence[int], roi: Sequence[int], label: torch.Tensor | None
@@ -76,10 +74,7 @@ class PatchOutputTransform:
         return [tuple(min(max(c - r // 2, 0), s - r) for c, r, s in zip(centre, roi, spatial))]
 
     def __call__(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """
-        Args:
-            output: ``engine.state.output`` of the evaluator.
-        """
+        """Cut the evaluator's ``engine.state.output`` to patches."""
         image, label = self.output_transform(output)
         image = convert_to_tensor(image, track_meta=False)
         label = None if label is None else convert_to_tensor(label, track_meta=False)

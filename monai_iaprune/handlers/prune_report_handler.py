@@ -217,12 +217,8 @@ class PruneReportHandler:
                 v = float(expl[k])
                 if math.isfinite(v):
                     engine.state.metrics[k] = v
-            engine.logger.info(
-                "prune report: explanations ("
-                + self.explain_method
-                + ") "
-                + ", ".join(f"{k}={float(expl[k]):.4f}" for k in EXPLANATION_METRICS)
-            )
+            scores = ", ".join(f"{k}={float(expl[k]):.4f}" for k in EXPLANATION_METRICS)
+            engine.logger.info(f"prune report: explanations ({self.explain_method}) {scores}")
         # relative to the Markdown file, with forward slashes, so the links work wherever the folder is moved
         report["figures"] = [Path(p).resolve().relative_to(out.resolve()).as_posix() for p in pngs]
 

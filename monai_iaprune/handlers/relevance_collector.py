@@ -116,10 +116,7 @@ class RelevanceCollector:
         self.fingerprint: tuple | None = None
 
     def attach(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: a MONAI ``SupervisedEvaluator`` (anything with ``network`` and ``state.output``).
-        """
+        """Attach to a MONAI ``SupervisedEvaluator`` (anything with ``network`` and ``state.output``)."""
         if self.engine is not None and self.engine is not engine:
             raise RuntimeError("this RelevanceCollector is already attached to another engine")
         if self._name is None:
@@ -142,9 +139,8 @@ class RelevanceCollector:
 
     def update(self, network: nn.Module, image: Any, label: Any = None) -> None:
         """Add the relevance of one batch ``image`` (with ``label``) under ``network`` to the sums."""
-        image = (
-            convert_to_tensor(image, track_meta=False).detach().clone()
-        )  # a normal tensor, even from inference mode
+        # a normal tensor, even from inference mode
+        image = convert_to_tensor(image, track_meta=False).detach().clone()
         if label is not None:
             label = convert_to_tensor(label, track_meta=False).detach().clone()
         with torch.enable_grad():
@@ -167,10 +163,7 @@ class RelevanceCollector:
             self.example_input = rel.example_input
 
     def __call__(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: the evaluator; its current ``state.output`` batch is explained.
-        """
+        """Explain the evaluator's current ``state.output`` batch."""
         if self.max_batches is not None and self.batches >= self.max_batches:
             return
         self.batches += 1

@@ -185,9 +185,8 @@ class RelevancePruningHandler:
         check_int(steps, "steps")
         check_int(min_blocks_per_stage, "min_blocks_per_stage", 0)
         prune_kwargs = dict(prune_kwargs or {})
-        legacy_target = prune_kwargs.pop(
-            "target", None
-        )  # before prune_target existed: prune_kwargs={"target": ...}
+        # before prune_target existed: prune_kwargs={"target": ...}
+        legacy_target = prune_kwargs.pop("target", None)
         if legacy_target is not None and prune_target == "params":
             prune_target = legacy_target
             if prune_target not in (*PRUNE_TARGETS, "channels"):
@@ -226,11 +225,8 @@ class RelevancePruningHandler:
             raise ValueError(
                 f"bad depth_ratio {depth_ratio!r}: the fraction removed as whole blocks must lie in [0, 1)"
             )
-        block_method = (
-            depth_method
-            if depth_method is not None
-            else (collector.method if collector is not None else method)
-        )
+        method = collector.method if collector is not None else method
+        block_method = method if depth_method is None else depth_method
         if (depth_method is not None or depth_ratio > 0) and block_method not in BLOCK_METHODS:
             raise ValueError(
                 f"bad depth_method {block_method!r}"
@@ -261,7 +257,7 @@ class RelevancePruningHandler:
         check_int(max_batches, "max_batches", allow_none=True)
         if finetune_lr is not None and (isinstance(finetune_lr, bool) or not float(finetune_lr) > 0):
             raise ValueError(f"bad finetune_lr {finetune_lr!r}: need a positive learning rate or null")
-        self.method = collector.method if collector is not None else method
+        self.method = method
         self.ratio = float(ratio)
         self.stages = stages
         self.prune_epochs = prune_epochs
@@ -303,10 +299,7 @@ class RelevancePruningHandler:
         self.last_relevance: ChannelRelevance | None = None
 
     def attach(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: a MONAI ``SupervisedTrainer`` (anything with ``network``, ``optimizer`` and ``data_loader``).
-        """
+        """Attach to a MONAI ``SupervisedTrainer`` (or anything with network, optimizer and data_loader)."""
         if self._name is None:
             self.logger = engine.logger
         event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
@@ -376,10 +369,7 @@ class RelevancePruningHandler:
         raise ValueError("no example input to trace the network: the data yielded no batch")
 
     def __call__(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: the trainer; a stage runs when its epoch (or iteration) is in ``prune_epochs``.
-        """
+        """Run a stage when the trainer's epoch (or iteration) is in ``prune_epochs``."""
         step = engine.state.epoch if self.epoch_level else engine.state.iteration
         if step not in self.prune_epochs or any(h["epoch"] == step for h in self.history):
             return
@@ -527,9 +517,7 @@ class RelevancePruningHandler:
         first, last = results[0], results[-1]
         params_before = depth.params_before if depth is not None else first.params_before
         macs_before = depth.macs_before if depth is not None else first.macs_before
-        if (
-            self.macs_original is None
-        ):  # the first stage's count (no extra forward: it would move BatchNorm stats)
+        if self.macs_original is None:  # the first stage's count (an extra forward would move BN stats)
             self.macs_original = macs_before
         latency = self.prune_target == "latency"
         per_layer = [
