@@ -70,6 +70,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -313,13 +314,6 @@ class _ConstantProductFunction(torch.autograd.Function):
             z = ctx.fn(ca, xa) if ctx.const_first else ctx.fn(xa, ca)
             (g,) = torch.autograd.grad(z, xa, _safe_div(relevance, z.detach()))
         return None, None, None, xa.detach() * g
-
-
-def _einsum_fn(equation: str):
-    def fn(a, b):
-        return torch.einsum(equation, a, b)
-
-    return fn
 
 
 def _explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -610,21 +604,14 @@ class _BacktraceMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if (func in _ADD_OPS or func in _SUB_OPS) and len(args) >= 2:
             a, b = args[0], args[1]
-            both = (
-                isinstance(a, torch.Tensor)
-                and isinstance(b, torch.Tensor)
-                and a.requires_grad
-                and b.requires_grad
-            )
-            if both:
+            if _grad(a) and _grad(b):
                 if kwargs.get("alpha", 1) != 1:
                     raise NotImplementedError(
                         f"DL-Backtrace has no rule for a scaled sum (alpha) in {self.state.where()}"
                     )
                 out = _SumFunction.apply(a, b, -1 if func in _SUB_OPS else 1)
-                if (
-                    func in _INPLACE_OPS
-                ):  # ``a += b`` / ``a.add_(b)``: a must hold the sum, its gradient the DLB split
+                # ``a += b`` / ``a.add_(b)``: a must hold the sum, its gradient the DLB split
+                if func in _INPLACE_OPS:
                     return a.copy_(out)
                 return out
             return func(*args, **kwargs)
@@ -701,7 +688,7 @@ class _BacktraceMode(TorchFunctionMode):
         """A matrix product / 2-operand einsum with relevance on one side (or None: not handled here)."""
         if func is torch.einsum:
             ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-            fn = _einsum_fn(args[0])
+            fn = partial(torch.einsum, args[0])
         else:
             ops, fn = args, func
         if len(ops) != 2 or not (_grad(ops[0]) or _grad(ops[1])):

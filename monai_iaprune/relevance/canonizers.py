@@ -150,10 +150,6 @@ def cached_merge_pairs(model: nn.Module, example_input: torch.Tensor) -> list[tu
     The key is the identity and order of every submodule and whether its ``forward`` is rewritten (replacing or
     adding a module re-traces; torch-pruning, which changes modules in place, keeps the plan valid) and the
     input's shape, dtype and device.
-
-    Args:
-        model: the network (eval mode).
-        example_input: one input batch.
     """
     modules = list(model.modules())
     key = (
@@ -297,7 +293,6 @@ class _OwnMapCanonizer(AttributeCanonizer):
         super().__init__(self._attribute_map)
 
     def copy(self) -> _OwnMapCanonizer:
-        """Return a fresh instance."""
         return type(self)()
 
 
@@ -507,7 +502,6 @@ class AttentionCanonizer(AttributeCanonizer):
         return None
 
     def copy(self) -> AttentionCanonizer:
-        """Return a fresh instance."""
         return AttentionCanonizer(self.epsilon)
 
 

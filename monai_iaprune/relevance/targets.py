@@ -31,12 +31,7 @@ TargetSpec = str | int | Callable[[torch.Tensor, torch.Tensor | None], torch.Ten
 
 def _class_index_from_label(label: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
     label = torch.as_tensor(label)
-    if (
-        label.ndim == 2
-        and label.shape[1] == num_classes
-        and num_classes > 1
-        and label.dtype.is_floating_point
-    ):
+    if label.ndim == 2 and label.shape[1] == num_classes > 1 and label.dtype.is_floating_point:
         return label.argmax(1)  # one-hot / soft labels
     label = label.reshape(batch, -1)
     if label.shape[1] != 1:
@@ -105,11 +100,10 @@ def target_selection(
         else:
             mask = out > 0
         return mask.to(out.dtype)
-    cmap = (
-        _segmentation_class_map(torch.as_tensor(label, device=out.device), out)
-        if target == "label"
-        else out.argmax(1)
-    )
+    if target == "label":
+        cmap = _segmentation_class_map(torch.as_tensor(label, device=out.device), out)
+    else:
+        cmap = out.argmax(1)
     classes = [target] if isinstance(target, int) else list(range(1, k))
     sel = torch.zeros_like(out)
     for c in classes:
