@@ -32,9 +32,7 @@ def _split_seed(split: str, seed: int) -> int:
     return int(seed) * 1000 + SPLITS.index(split) * 7919
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# synthetic defaults
-# --------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------- synthetic defaults
 def synthetic_classification(
     num_samples: int,
     spatial_dims: int = 2,
@@ -158,9 +156,7 @@ def synthetic_segmentation_nifti(
     return items
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# real data readers
-# --------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------- real data readers
 def load_medmnist(
     path: str | os.PathLike, split: str = "train", spatial_dims: int | None = None
 ) -> list[dict[str, Any]]:
@@ -348,9 +344,8 @@ def _class_index(value: Any, where: str) -> int:
     v = value
     if isinstance(v, (list, tuple, np.ndarray)) and np.size(v) == 1:
         v = np.asarray(v).reshape(-1)[0]
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{where}: label {value!r} is not a class index (an integer 0, 1, ...)")
-    if float(v) != int(v) or int(v) < 0:
+    numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    if not numeric or float(v) != int(v) or int(v) < 0:
         raise ValueError(f"{where}: label {value!r} is not a class index (an integer 0, 1, ...)")
     return int(v)
 
@@ -452,9 +447,7 @@ def check_num_classes(
         )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# dispatchers used by the bundle configs
-# --------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- dispatchers used by the bundle configs
 def _existing(dataset_dir: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(str(dataset_dir)))
     if not path.exists():
