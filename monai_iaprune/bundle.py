@@ -190,8 +190,7 @@ def save_pruned_model(
     tx = OutputTransaction(targets, overwrite).begin() if own else transaction
     try:
         save_pruned(net, tx.temp(path), extra=extra, overwrite=True)
-        device = next(net.parameters()).device
-        example = example_inputs.to(device)
+        example = example_inputs.to(next(net.parameters()).device)
         if torchscript_path:
             export_torchscript(net, tx.temp(torchscript_path), example, overwrite=True)
         if onnx_path:

@@ -189,9 +189,8 @@ def _median_s(fn: nn.Module, x: torch.Tensor) -> float:
 
 
 def _check_onednn_model(model: nn.Module, kernels: str) -> None:
-    if kernels != "default" and any(
-        p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()
-    ):
+    cpu_float32 = all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    if kernels != "default" and not cpu_float32:
         raise ValueError(
             f"kernels={kernels!r} needs a float32 CPU model (oneDNN kernels); use kernels='default'"
         )
