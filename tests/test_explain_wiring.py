@@ -87,6 +87,7 @@ def test_classification_bundle_explain_weight_and_min_agreement(tmp_path):
     assert report["explain_weight"] == 0.5 and report["explain_explainer"] == "grad_x_input"
     terms = report["explanation_consistency_per_epoch"]
     assert len(terms) == 2 and all(0.0 <= t <= 2.0 for t in terms)
+    assert terms[0] > 0.05  # the teacher is the unpruned network: a pruned copy would start near 0
     assert report["explanation_method"] == "ig" and -1.0 <= report["expl_spearman"] <= 1.0
     assert "figures_error" not in report, report.get("figures_error")
     assert "explanation-consistency term (weight 0.5" in (b / "eval" / "prune_report.md").read_text()
