@@ -302,11 +302,13 @@ def resolve_min_agreement(
     Raises:
         AgreementNotReached: no ratio keeps the agreement (raised before any training).
     """
-    relevance = pruning_handler._relevance(
-        trainer, network
-    )  # the handler's own relevance step, not a copy of it
+    # the handler's own relevance step (its collector runs the evaluator), not a second copy of it
+    relevance = pruning_handler._relevance(trainer, network)
     prune_kwargs = dict(pruning_handler.prune_kwargs)
-    target = prune_kwargs.pop("target", "params")
+    prune_kwargs.pop("target", None)  # legacy spelling of prune_target, already folded into it by the handler
+    target = pruning_handler.prune_target
+    if pruning_handler.cost_aware is not None:
+        prune_kwargs["cost_aware"] = pruning_handler.cost_aware
     explain_kwargs = report_handler.explain_kwargs
     map_kwargs = {"n_steps": explain_kwargs["n_steps"]} if "n_steps" in explain_kwargs else {}
     budget = prune_to_min_agreement(
@@ -326,7 +328,8 @@ def resolve_min_agreement(
         ignored_layers=pruning_handler.ignored_layers,
         **prune_kwargs,
     )
-    pruning_handler.ratio = pruning_handler.stage_ratio = budget.ratio  # one stage (check_explain_settings)
+    # one stage of one step, widths only (checked by prune_host_bundle): every budget fraction is the ratio
+    pruning_handler.ratio = pruning_handler.stage_ratio = pruning_handler.step_ratio = budget.ratio
     report_handler.settings.update(
         min_agreement=float(min_agreement),
         min_agreement_explainer=report_handler.explain_method,
@@ -419,6 +422,17 @@ def prune_host_bundle(
             "term bypasses DDP's gradient all-reduce; each rank would measure agreement on its own shard): run "
             "single-process, or use min_agreement once single-process and pass the chosen --ratio"
         )
+    if min_agreement is not None:
+        for name, value, ok in (
+            ("prune_target", pruning_handler.prune_target, pruning_handler.prune_target != "latency"),
+            ("depth_ratio", pruning_handler.depth_ratio, pruning_handler.depth_ratio == 0),
+            ("steps", pruning_handler.steps, pruning_handler.steps == 1),
+        ):
+            if not ok:
+                raise ValueError(
+                    "min_agreement measures one-shot channel pruning by a params / MACs / channels ratio: it does "
+                    f"not combine with {name}={value!r}"
+                )
     host_checkpoint = Path(host_checkpoint)
     if not host_checkpoint.is_file() and not train_if_missing:
         raise FileNotFoundError(

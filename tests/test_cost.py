@@ -103,3 +103,14 @@ def test_costs_follow_couplings_and_ignore_layers():
     assert coupled and all(c.in_layers for c in coupled)
     with pytest.raises(KeyError):
         channel_costs(model, x, ignored_layers=["nope"])
+
+
+def test_single_channel_layers_get_no_cost():
+    """A layer pruned down to one channel (a re-scored sub-step after a deep stage) is not costed: removing its
+    last channel is impossible and its zero-channel BatchNorm broke the MAC counter."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1), nn.ReLU(), nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    )  # fmt: skip
+    costs = channel_costs(net, torch.randn(1, 1, 12, 12))
+    assert "0" not in costs and costs["3"].macs > 0

@@ -138,3 +138,9 @@ def test_bundle_refuses_explain_settings_under_distributed(tmp_path, monkeypatch
     b = _copy(tmp_path, "classification_2d")
     _expect_error(b, r"not supported under torch.distributed", explain_weight=0.5)
     _expect_error(b, r"not supported under torch.distributed", min_agreement=0.5)
+
+
+def test_min_agreement_refuses_budgets_it_cannot_measure(tmp_path):
+    b = _copy(tmp_path, "classification_2d")
+    _expect_error(b, r"does not combine with depth_ratio=0.3", min_agreement=0.5, depth_ratio=0.3)
+    _expect_error(b, r"does not combine with steps=2", min_agreement=0.5, steps=2)

@@ -114,7 +114,8 @@ def test_a_registered_criterion_runs_through_the_bundle(tmp_path):
     """A new criterion is one function and one ``register_method`` call; ``--explain false`` skips explanations."""
     from monai.bundle import run
 
-    from monai_iaprune.relevance.collect import METHODS, register_method
+    from monai_iaprune import register_method
+    from monai_iaprune.relevance import unregister_method
 
     @register_method("toy")
     def toy(model, inputs, select, layers, **_):
@@ -136,7 +137,7 @@ def test_a_registered_criterion_runs_through_the_bundle(tmp_path):
         run("prune", config_file=[str(b / "configs" / c) for c in ("train.json", "prune.json")],
             bundle_root=str(b), method="toy", ratio=0.3, explain="false", **TINY)  # fmt: skip
     finally:
-        METHODS.pop("toy", None)
+        unregister_method("toy")
     report = json.loads((b / "eval" / "prune_report.json").read_text())
     assert report["method"] == "toy" and report["params_after"] < report["params_before"]
     assert "expl_spearman" not in report and "explanations_heatmaps.png" not in " ".join(report["figures"])

@@ -306,6 +306,10 @@ class PruneReportHandler:
             stages_detail=history,
             settings=self.settings,
             relevance_input_shape=list(self.example_inputs.shape),
+            prune_target=getattr(ph, "prune_target", self.settings.get("prune_target", "params")),
+            speedup=getattr(ph, "speedup", self.settings.get("speedup")),
+            steps=getattr(ph, "steps", self.settings.get("steps", 1)),
+            depth_ratio=getattr(ph, "depth_ratio", self.settings.get("depth_ratio", 0.0)),
         )
         report = built.to_dict()
         # under torch.distributed every rank measures (the evaluator is collective); rank 0 explains and writes

@@ -202,8 +202,9 @@ def channel_costs(
                 continue
             n = dg.get_out_channels(root)
             unit = max(1, pruner._get_channel_groups(full))
-            if not n or n % unit:
-                continue
+            if not n or n % unit or n // unit < 2:
+                continue  # a group down to one channel (per channel group) keeps it: nothing to cost, and
+                # removing it would leave zero-channel norms the MAC counter cannot run
             group = dg.get_pruning_group(root, dep.handler, [g * (n // unit) for g in range(unit)])
             costs[names[root]] = _group_saving(pruner, group, calls, names)
     return costs

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +71,8 @@ class DepthPruneResult:
         relevance: ``{removed block: its relevance}``.
         stages: ``{stage: (blocks before, blocks after)}`` for every stage with a removable block.
         method: the block relevance method (``block_relevance.method``) when known.
+        history: ``[(module name, "out" | "in", [removed indices])]`` of the layers re-sliced after a removed
+            DenseNet layer (its consumers), in ``PruneResult.history``'s format for ``remap_optimizer``.
         params_before, params_after, macs_before, macs_after: counts (MACs on ``example_inputs``; 0 without).
     """
 
@@ -84,6 +86,7 @@ class DepthPruneResult:
     macs_before: float = 0.0
     macs_after: float = 0.0
     method: str | None = None
+    history: list[tuple[str, str, list[int]]] = field(default_factory=list)
 
     @property
     def params_removed(self) -> float:
@@ -132,20 +135,27 @@ def _leaves_after(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _slice_consumers(leaves: Sequence[tuple[str, nn.Module]], idxs: list[int], where: str) -> None:
-    """Cut input channels ``idxs`` from the leading channel-wise layers of ``leaves`` up to the first conv / linear."""
+def _slice_consumers(
+    leaves: Sequence[tuple[str, nn.Module]], idxs: list[int], where: str, history: list | None = None
+) -> None:
+    """Cut input channels ``idxs`` from the leading channel-wise layers of ``leaves`` up to the first conv / linear
+    (each cut appended to ``history`` as ``(name, "out" | "in", idxs)``)."""
+    record = history.append if history is not None else (lambda entry: None)
     for n, m in leaves:
         if isinstance(m, RemovedBlock) or isinstance(m, _PASS_TYPES):
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             tp.prune_batchnorm_out_channels(m, idxs)
+            record((n, "out", list(idxs)))
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.affine:
             m.num_features -= len(idxs)
         elif isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1:
             tp.prune_conv_in_channels(m, idxs)
+            record((n, "in", list(idxs)))
             return
         elif isinstance(m, nn.Linear):
             tp.prune_linear_in_channels(m, idxs)
+            record((n, "in", list(idxs)))
             return
         else:
             raise ValueError(
@@ -156,8 +166,10 @@ def _slice_consumers(leaves: Sequence[tuple[str, nn.Module]], idxs: list[int], w
 
 
 @torch.no_grad()
-def remove_block(model: nn.Module, name: str) -> None:
+def remove_block(model: nn.Module, name: str, history: list | None = None) -> None:
     """Replace the removable block ``name`` by ``RemovedBlock``; for a DenseNet layer, cut its channels downstream.
+
+    ``history``, when given, receives the downstream cuts (``PruneResult.history`` format, for ``remap_optimizer``).
 
     Raises:
         ValueError: ``name`` is not a removable block of ``model``.
@@ -183,8 +195,8 @@ def remove_block(model: nn.Module, name: str) -> None:
                 leaves = [
                     (f"{full}.{n}", m) for n, m in child.named_modules() if next(m.children(), None) is None
                 ]
-                _slice_consumers(leaves, idxs, name)
-        _slice_consumers(_leaves_after(model, block.stage), idxs, name)
+                _slice_consumers(leaves, idxs, name, history)
+        _slice_consumers(_leaves_after(model, block.stage), idxs, name, history)
     _set_module(model, name, RemovedBlock())
 
 
@@ -398,8 +410,9 @@ def prune_depth(
                 f"depth ratio {ratio} of {target} cannot be reached by removing blocks of {type(model).__name__} "
                 f"(at most {saved / base:.3f}): {where}"
             )
+    history: list[tuple[str, str, list[int]]] = []
     for n in chosen:
-        remove_block(model, n)
+        remove_block(model, n, history)
     if out_shape is not None and _output_shape(model, x) != out_shape:
         raise RuntimeError(
             f"depth pruning changed the output shape of {type(model).__name__}: a bug, please report"
@@ -418,4 +431,5 @@ def prune_depth(
         macs_before=macs_before,
         macs_after=count_macs(model, x) if x is not None else 0.0,
         method=getattr(block_relevance, "method", None),
+        history=history,
     )

@@ -214,13 +214,10 @@ def export_onnx(
     ``output_0``, ...). Weights are stored inside the file (single-file ONNX, below protobuf's 2 GB limit).
 
     Args:
-        model: the network; exported in eval mode, its mode restored after.
+        model, example_inputs, overwrite, rtol: as in ``export_torch_export``.
         path: destination ``.onnx`` file, written atomically.
-        example_inputs: one input batch (tensor or tuple of tensors) on the model's device.
-        overwrite: replace an existing file; otherwise ``FileExistsError``.
         check: run the written file in onnxruntime (CPU) and compare with the eager model's output on
             ``example_inputs``; a file that fails is not put in place.
-        rtol: tolerance of that check, relative to the largest output magnitude.
         opset: ONNX opset version; ``None`` uses torch's default.
         dynamic_batch: make dimension 0 of every input and output dynamic; ``False`` fixes the example's
             shape.

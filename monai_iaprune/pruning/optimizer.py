@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from monai_iaprune.relevance.blocks import RemovedBlock
+
 __all__ = ["parameter_snapshot", "kept_indices", "remap_optimizer"]
 
 HistoryEntry = tuple[str, str, Sequence[int]]
@@ -120,6 +122,13 @@ def kept_indices(
     }
 
 
+def _in_removed_block(param_name: str, model: nn.Module) -> bool:
+    """Whether ``param_name`` lived in a block that depth pruning replaced by a ``RemovedBlock``."""
+    parts = param_name.split(".")[:-1]
+    modules = dict(model.named_modules())
+    return any(isinstance(modules.get(".".join(parts[:i])), RemovedBlock) for i in range(1, len(parts) + 1))
+
+
 def _slice(value: torch.Tensor, dims: list[torch.Tensor | None]) -> torch.Tensor:
     for d, idx in enumerate(dims):
         if idx is not None:
@@ -151,7 +160,8 @@ def remap_optimizer(
         The same ``optimizer``.
 
     Raises:
-        KeyError: a parameter the optimizer holds disappeared from the model.
+        KeyError: a parameter the optimizer holds disappeared from the model (other than with a block that depth
+            pruning replaced by ``RemovedBlock``: such parameters and their state are dropped).
         ValueError: a state tensor cannot be sliced to its new parameter's shape (unknown state layout or a
             pruning the history does not describe).
     """
@@ -164,6 +174,9 @@ def remap_optimizer(
             name = name_of.get(id(p))
             if name is None:  # not a model parameter (e.g. a loss weight): leave it alone
                 remapped.append(p)
+                continue
+            if name not in new_params and _in_removed_block(name, model):
+                optimizer.state.pop(p, None)  # depth pruning removed its block: the parameter is gone
                 continue
             if name not in new_params:
                 raise KeyError(

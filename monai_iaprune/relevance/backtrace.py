@@ -81,7 +81,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from monai_iaprune.relevance.canonizers import attention_types
+from monai_iaprune.relevance.canonizers import attention_types, attention_weights
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
 from monai_iaprune.relevance.registry import SelectionFn, register_method
@@ -324,15 +324,7 @@ def _einsum_fn(equation: str):
 
 def _explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """``scaled_dot_product_attention`` with the attention weights as constants (eval: no dropout)."""
-    q, k = query.detach(), key.detach()
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    att = q @ k.transpose(-2, -1) * scale
-    if is_causal:
-        n, m = att.shape[-2:]
-        att = att.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=att.device).tril(), float("-inf"))
-    if attn_mask is not None:
-        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-    att = att.softmax(-1)
+    att = attention_weights(query.detach(), key.detach(), attn_mask, is_causal, scale)
     if not value.requires_grad:
         return att @ value
     return _ConstantProductFunction.apply(torch.matmul, True, att, value)
@@ -856,18 +848,9 @@ def backtrace(
     mode: str = "default",
     **_: Any,
 ) -> dict[str, torch.Tensor]:
-    """DL-Backtrace per-sample, per-output-channel relevance ``{name: [B, C]}`` at each layer's output.
-
-    Args:
-        model: the network (``channel_relevance`` puts it in eval mode).
-        inputs: a batch ``[B, C, *spatial]``.
-        select: ``output -> 0/1 selection`` of what is explained; relevance starts as ``select * output``.
-        layers: ``{name: conv / linear module}`` to score.
-        mode: ``"default"``; ``"contrastive"`` is not implemented (raises ``NotImplementedError``).
-
-    Returns:
-        ``{name: [B, C]}``: each layer's output relevance summed over positions (signed; the collector
-        takes ``|.|`` per sample).
+    """DL-Backtrace per-sample, per-output-channel relevance ``{name: [B, C]}`` at the output of each conv / linear
+    module in ``layers``: ``backtrace_relevance_maps`` (same arguments) summed over positions (signed; the
+    collector takes ``|.|`` per sample). ``mode="contrastive"`` is not implemented (raises ``NotImplementedError``).
     """
     maps = backtrace_relevance_maps(model, inputs, select, layers, mode)
     return {name: per_sample_channel_sum(layers[name], r) for name, r in maps.items()}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ from torch import nn
 
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.targets import TargetSpec, target_selection
-from monai_iaprune.utils.batch import plain_tensor, split_batch
+from monai_iaprune.utils.batch import input_batches, model_device, plain_tensor, split_batch
 
 try:
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
@@ -150,21 +151,16 @@ def _always(_: nn.Module) -> bool:
     return True
 
 
+def _no_downsample(m: nn.Module) -> bool:
+    return m.downsample is None
+
+
+_DOWNSAMPLES = "has a downsample (stride or channel change)"
 _FAMILIES: list[BlockFamily] = [
     BlockFamily(
-        "resnet_bottleneck",
-        (ResNetBottleneck,),
-        _resnet_bottleneck,
-        lambda m: m.downsample is None,
-        why_not="has a downsample (stride or channel change)",
+        "resnet_bottleneck", (ResNetBottleneck,), _resnet_bottleneck, _no_downsample, why_not=_DOWNSAMPLES
     ),
-    BlockFamily(
-        "resnet",
-        (ResNetBlock,),
-        _resnet_block,
-        lambda m: m.downsample is None,
-        why_not="has a downsample (stride or channel change)",
-    ),
+    BlockFamily("resnet", (ResNetBlock,), _resnet_block, _no_downsample, why_not=_DOWNSAMPLES),
     BlockFamily(
         "se",
         (SEBlock,),
@@ -511,8 +507,7 @@ def block_relevance(
     if data is None:
         raise ValueError(f"method {method!r} needs data: pass a loader or an iterable of batches")
     if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+        device = model_device(model)
     fn = BLOCK_METHODS[method]
     sums: dict[str, torch.Tensor] = {}
     count, example = 0, None
@@ -521,13 +516,9 @@ def block_relevance(
     terms = _Terms()
     try:
         with contextlib.ExitStack() as stack:
-            for i, batch in enumerate(data):
-                if max_batches is not None and i >= max_batches:
-                    break
-                inputs, label = split_batch(batch, image_key, label_key)
-                x = plain_tensor(inputs).to(device).float().detach().requires_grad_(True)
-                if label is not None:
-                    label = plain_tensor(label).to(device)
+            batches = data if max_batches is None else itertools.islice(data, max_batches)
+            for x, label in input_batches(batches, device, image_key, label_key):
+                x = x.detach().requires_grad_(True)
                 if example is None:
                     example = x[:1].detach().cpu()
                     stack.enter_context(

@@ -42,6 +42,7 @@ __all__ = [
     "GraphMergeBatchNorm",
     "ResidualSumCanonizer",
     "SEGateCanonizer",
+    "attention_weights",
     "auto_canonizers",
     "cached_merge_pairs",
     "is_merged_identity",
@@ -289,7 +290,18 @@ def _transformer_block_forward(self: TransformerBlock, x, context=None, attn_mas
     return _sum(self, x, self.mlp(self.norm2(x)))
 
 
-class ResidualSumCanonizer(AttributeCanonizer):
+class _OwnMapCanonizer(AttributeCanonizer):
+    """An ``AttributeCanonizer`` whose attribute map is its own ``_attribute_map``."""
+
+    def __init__(self):
+        super().__init__(self._attribute_map)
+
+    def copy(self) -> _OwnMapCanonizer:
+        """Return a fresh instance."""
+        return type(self)()
+
+
+class ResidualSumCanonizer(_OwnMapCanonizer):
     """Route the residual additions of MONAI blocks through an explicit ``zennit.layer.Sum`` module.
 
     Handles ``ResidualUnit`` (UNet with ``num_res_units > 0``), ``ResNetBlock`` / ``ResNetBottleneck`` (MONAI
@@ -306,9 +318,6 @@ class ResidualSumCanonizer(AttributeCanonizer):
         TransformerBlock: _transformer_block_forward,
     }
 
-    def __init__(self):
-        super().__init__(self._attribute_map)
-
     @classmethod
     def _attribute_map(cls, name: str, module: nn.Module) -> dict[str, Any] | None:
         if isinstance(module, SkipConnection) and module.mode != "add":
@@ -320,10 +329,6 @@ class ResidualSumCanonizer(AttributeCanonizer):
                     attrs.update(canonizer_sum_attn=Sum(), canonizer_sum_cross=Sum())
                 return attrs
         return None
-
-    def copy(self) -> ResidualSumCanonizer:
-        """Return a fresh instance."""
-        return ResidualSumCanonizer()
 
 
 class _ConstantGate(torch.autograd.Function):
@@ -349,16 +354,13 @@ def _channel_se_forward(self: ChannelSELayer, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
-class SEGateCanonizer(AttributeCanonizer):
+class SEGateCanonizer(_OwnMapCanonizer):
     """Treat the sigmoid gate of MONAI ``ChannelSELayer`` (and ``ResidualSELayer``) as a constant.
 
     Relevance of ``x * gate`` goes to ``x`` in full; the squeeze-excitation branch (its two ``Linear`` layers)
     receives zero relevance, so LRP scores those channels as 0. Use another criterion (e.g. ``"taylor"``) or
     ``ignored_layers`` for SE layers when pruning them matters.
     """
-
-    def __init__(self):
-        super().__init__(self._attribute_map)
 
     @staticmethod
     def _attribute_map(name: str, module: nn.Module) -> dict[str, Any] | None:
@@ -368,10 +370,6 @@ class SEGateCanonizer(AttributeCanonizer):
                 attrs["canonizer_sum"] = Sum()
             return attrs
         return None
-
-    def copy(self) -> SEGateCanonizer:
-        """Return a fresh instance."""
-        return SEGateCanonizer()
 
 
 class _ZeroGrad(torch.autograd.Function):
@@ -464,9 +462,8 @@ class _ConstantAttention(TorchFunctionMode):
         return out
 
 
-def _explicit_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, epsilon=1e-6, **_
-):
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """The softmax weights ``scaled_dot_product_attention`` applies to its ``value`` (eval: no dropout)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     att = query @ key.transpose(-2, -1) * scale
     if is_causal:
@@ -474,7 +471,14 @@ def _explicit_attention(
         att = att.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=att.device).tril(), float("-inf"))
     if attn_mask is not None:
         att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-    return _EpsilonProduct.apply(torch.matmul, True, _ZeroGrad.apply(att.softmax(-1)), value, epsilon)
+    return att.softmax(-1)
+
+
+def _explicit_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, epsilon=1e-6, **_
+):
+    att = attention_weights(query, key, attn_mask, is_causal, scale)
+    return _EpsilonProduct.apply(torch.matmul, True, _ZeroGrad.apply(att), value, epsilon)
 
 
 def _constant_attention_forward(self: nn.Module, *args, **kwargs):

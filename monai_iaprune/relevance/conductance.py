@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_iaprune.relevance.hooks import no_param_grad
+from monai_iaprune.relevance.hooks import LayerHooks, no_param_grad
 from monai_iaprune.relevance.layers import per_sample_channel_sum
 from monai_iaprune.relevance.registry import SelectionFn, register_method
 from monai_iaprune.utils.batch import first_output
@@ -115,7 +115,7 @@ def resolve_baseline(inputs: torch.Tensor, baseline: BaselineSpec, blur_sigma: f
     )
 
 
-class _PathRecorder:
+class _PathRecorder(LayerHooks):
     """Forward hooks keeping every call's output of each layer (a list per layer, for shared modules).
 
     A layer whose output is later modified in place (e.g. ``ReLU(inplace=True)`` right after a conv) is
@@ -123,10 +123,9 @@ class _PathRecorder:
     """
 
     def __init__(self, layers: dict[str, nn.Module]):
-        self.layers = layers
+        super().__init__(layers)
         self.outputs: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.clone: set[str] = set()
-        self._handles: list = []
 
     def _hook(self, name: str) -> Callable:
         def fn(module, inputs, output):
@@ -140,16 +139,6 @@ class _PathRecorder:
             return None
 
         return fn
-
-    def __enter__(self) -> _PathRecorder:
-        for name, m in self.layers.items():
-            self._handles.append(m.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def modified_in_place(self) -> set[str]:
         """Names of layers whose recorded output was changed in place after the layer returned it."""

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_iaprune.utils.batch import first_output
+
 DifferentiableExplainer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 DIFFERENTIABLE_EXPLAINERS: dict[str, DifferentiableExplainer] = {}
 
@@ -35,13 +37,6 @@ def register_differentiable_explainer(name: str):
         return fn
 
     return deco
-
-
-def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, (list, tuple)):  # deep supervision heads: the first output is the prediction
-        out = out[0]
-    return out
 
 
 def _score(out: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
@@ -73,7 +68,7 @@ def gradient_x_input(
         ``(maps [B, C, *spatial], output)``.
     """
     x = inputs.detach().requires_grad_(True)
-    out = _output(model, x)
+    out = first_output(model(x))
     (grad,) = torch.autograd.grad(_score(out, select(out)), x, create_graph=create_graph)
     return grad * x.detach(), out
 
@@ -112,7 +107,7 @@ def integrated_gradients(
     total, out, selection = None, None, None
     for k in range(n_steps, 0, -1):
         xk = (base + (k / n_steps) * (x - base)).requires_grad_(True)
-        o = _output(model, xk)
+        o = first_output(model(xk))
         if selection is None:
             out, selection = o, select(o)
         (g,) = torch.autograd.grad(_score(o, selection), xk, create_graph=create_graph)

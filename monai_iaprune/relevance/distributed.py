@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from monai_iaprune.relevance.blocks import BlockRelevance
 from monai_iaprune.relevance.collect import ChannelRelevance
 from monai_iaprune.utils.ddp import broadcast_module, is_distributed
 
@@ -117,4 +118,27 @@ def all_reduce_sums(
     return out, int(round(flat[-1].item()))
 
 
-__all__ = ["all_reduce_relevance", "all_reduce_sums", "broadcast_module", "is_distributed"]
+def all_reduce_block_relevance(relevance: BlockRelevance, group=None) -> BlockRelevance:
+    """``all_reduce_relevance`` for ``block_relevance``: sample-weighted mean over ranks (rank 0's for data-free
+    methods), so every rank removes the same blocks; unchanged outside a process group."""
+    if not is_distributed():
+        return relevance
+    names = sorted(relevance)
+    sums = {n: torch.tensor([relevance[n] * relevance.num_samples], dtype=torch.float64) for n in names}
+    sums, count = all_reduce_sums(sums, relevance.num_samples, group)
+    if count <= 0:
+        flat = torch.tensor([relevance[n] for n in names], dtype=torch.float64).to(_backend_device(group))
+        dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        values = dict(zip(names, flat.cpu().tolist()))
+    else:
+        values = {n: float(sums[n].item()) / count for n in names}
+    return BlockRelevance(values, relevance.method, count, relevance.stages, relevance.example_input)
+
+
+__all__ = [
+    "all_reduce_block_relevance",
+    "all_reduce_relevance",
+    "all_reduce_sums",
+    "broadcast_module",
+    "is_distributed",
+]

@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+_Hooks = TypeVar("_Hooks", bound="LayerHooks")
 
-class OutputRecorder:
+
+class LayerHooks:
+    """Context manager: the forward hook ``self._hook(name)`` on each of ``layers`` while inside ``with``.
+
+    Args:
+        layers: ``{name: module}`` to hook.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self._handles: list = []
+
+    def _hook(self, name: str) -> Callable:
+        raise NotImplementedError
+
+    def __enter__(self: _Hooks) -> _Hooks:
+        for name, m in self.layers.items():
+            self._handles.append(m.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class OutputRecorder(LayerHooks):
     """Forward hooks that keep each layer's output and, on backward, the gradient arriving at it.
 
     Under a zennit composite, that gradient *is* the layer's output relevance, because zennit's rule
@@ -17,13 +46,12 @@ class OutputRecorder:
     """
 
     def __init__(self, layers: dict[str, nn.Module], keep_grad: bool = True):
-        self.layers = layers
+        super().__init__(layers)
         self.keep_grad = keep_grad
         self.outputs: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
-        self._handles: list = []
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable:
         # the gradient hook lives in the autograd graph of ``output``, which ``self.outputs`` keeps: a
         # strong reference to ``self`` there would be a cycle through C++ that Python's garbage collector
         # cannot see, leaking every recorded activation (hundreds of MB per call on 3D networks)
@@ -41,16 +69,6 @@ class OutputRecorder:
                 output.register_hook(save)
 
         return fn
-
-    def __enter__(self) -> OutputRecorder:
-        for name, m in self.layers.items():
-            self._handles.append(m.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def clear(self) -> None:
         self.outputs.clear()

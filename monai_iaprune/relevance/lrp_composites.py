@@ -70,115 +70,86 @@ def _extra_layer_map(epsilon: float) -> list[tuple[Any, Hook]]:
     ]
 
 
+def _layer_map(epsilon: float, stabilizer: float, rules: list[tuple[Any, Hook]]) -> list[tuple[Any, Hook]]:
+    return _extra_layer_map(epsilon) + layer_map_base(stabilizer) + rules
+
+
 # layers the output-rule versions of zennit's rules cover; transposed convolutions keep zennit's own rules
 _OUTPUT_RULE_TYPES = (nn.Linear, ConvolutionStandard)
 
 
-@register_lrp_composite("epsilon")
-class EpsilonComposite(LayerMapComposite):
-    """Epsilon on every linear / conv layer.
+class _PackageComposite:
+    """The constructor every composite here shares; ``_maps`` says what the zennit base class gets besides
+    ``canonizers``. By default that is a zennit composite that takes ``epsilon`` / ``stabilizer`` and prepends
+    ``layer_map`` (this package's rules) to its own map.
 
     Args:
         epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules (Norm on sums and average pools).
+        stabilizer: stabiliser of the other rules (ZPlus, AlphaBeta, Flat, Norm on sums and average pools).
         canonizers: canonizers applied before the rules are registered.
     """
 
     def __init__(
         self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers: list[Canonizer] | None = None
     ):
-        layer_map = (
-            _extra_layer_map(epsilon)
-            + layer_map_base(stabilizer)
-            + [(_OUTPUT_RULE_TYPES, EpsilonRule(epsilon)), (ZennitLinear, Epsilon(epsilon=epsilon))]
-        )
-        super().__init__(layer_map=layer_map, canonizers=canonizers)
+        super().__init__(canonizers=canonizers, **self._maps(epsilon, stabilizer))
+
+    @staticmethod
+    def _maps(epsilon: float, stabilizer: float) -> dict[str, Any]:
+        return {"epsilon": epsilon, "stabilizer": stabilizer, "layer_map": _extra_layer_map(epsilon)}
+
+
+@register_lrp_composite("epsilon")
+class EpsilonComposite(_PackageComposite, LayerMapComposite):
+    """Epsilon on every linear / conv layer (``stabilizer``: only Norm on sums and average pools)."""
+
+    @staticmethod
+    def _maps(epsilon: float, stabilizer: float) -> dict[str, Any]:
+        rules = [(_OUTPUT_RULE_TYPES, EpsilonRule(epsilon)), (ZennitLinear, Epsilon(epsilon=epsilon))]
+        return {"layer_map": _layer_map(epsilon, stabilizer, rules)}
 
 
 @register_lrp_composite("zplus")
-class ZPlusComposite(LayerMapComposite):
-    """ZPlus on every linear / conv layer.
+class ZPlusComposite(_PackageComposite, LayerMapComposite):
+    """ZPlus on every linear / conv layer (``epsilon``: only the normalisation rules)."""
 
-    Args:
-        epsilon: epsilon of the normalisation rules.
-        stabilizer: stabiliser of ZPlus and of the other rules.
-        canonizers: canonizers applied before the rules are registered.
-    """
-
-    def __init__(
-        self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers: list[Canonizer] | None = None
-    ):
-        layer_map = (
-            _extra_layer_map(epsilon)
-            + layer_map_base(stabilizer)
-            + [(_OUTPUT_RULE_TYPES, ZPlusRule(stabilizer)), (ZennitLinear, ZPlus(stabilizer=stabilizer))]
-        )
-        super().__init__(layer_map=layer_map, canonizers=canonizers)
+    @staticmethod
+    def _maps(epsilon: float, stabilizer: float) -> dict[str, Any]:
+        rules = [(_OUTPUT_RULE_TYPES, ZPlusRule(stabilizer)), (ZennitLinear, ZPlus(stabilizer=stabilizer))]
+        return {"layer_map": _layer_map(epsilon, stabilizer, rules)}
 
 
 @register_lrp_composite("epsilon_plus_flat")
-class EpsilonPlusFlatComposite(SpecialFirstLayerMapComposite):
+class EpsilonPlusFlatComposite(_PackageComposite, SpecialFirstLayerMapComposite):
     """zennit's ``EpsilonPlusFlat`` (Flat on the first layer, ZPlus on convs, Epsilon on dense layers) with its
     ZPlus / Epsilon as output rules (same values, see tests/test_lrp.py).
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules.
-        canonizers: canonizers applied before the rules are registered.
     """
 
-    def __init__(
-        self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers: list[Canonizer] | None = None
-    ):
-        layer_map = (
-            _extra_layer_map(epsilon)
-            + layer_map_base(stabilizer)
-            + [
-                (ConvolutionStandard, ZPlusRule(stabilizer)),
-                (Convolution, ZPlus(stabilizer=stabilizer)),
-                (nn.Linear, EpsilonRule(epsilon)),
-            ]
-        )
-        first_map = [(ZennitLinear, Flat(stabilizer=stabilizer))]
-        super().__init__(layer_map=layer_map, first_map=first_map, canonizers=canonizers)
+    @staticmethod
+    def _maps(epsilon: float, stabilizer: float) -> dict[str, Any]:
+        rules = [
+            (ConvolutionStandard, ZPlusRule(stabilizer)),
+            (Convolution, ZPlus(stabilizer=stabilizer)),
+            (nn.Linear, EpsilonRule(epsilon)),
+        ]
+        return {
+            "layer_map": _layer_map(epsilon, stabilizer, rules),
+            "first_map": [(ZennitLinear, Flat(stabilizer=stabilizer))],
+        }
 
 
 @register_lrp_composite("alpha_beta")
-class AlphaBetaComposite(EpsilonAlpha2Beta1):
+class AlphaBetaComposite(_PackageComposite, EpsilonAlpha2Beta1):
     """zennit's ``EpsilonAlpha2Beta1`` (AlphaBeta(2, 1) on convs, Epsilon on dense layers) with this package's
     rules for BatchNorm, normalisation layers and activations.
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules.
-        canonizers: canonizers applied before the rules are registered.
     """
-
-    def __init__(
-        self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers: list[Canonizer] | None = None
-    ):
-        super().__init__(
-            epsilon=epsilon, stabilizer=stabilizer, layer_map=_extra_layer_map(epsilon), canonizers=canonizers
-        )
 
 
 @register_lrp_composite("epsilon_alpha2beta1_flat")
-class EpsilonAlpha2Beta1FlatComposite(EpsilonAlpha2Beta1Flat):
+class EpsilonAlpha2Beta1FlatComposite(_PackageComposite, EpsilonAlpha2Beta1Flat):
     """zennit's ``EpsilonAlpha2Beta1Flat`` with this package's rules for BatchNorm, normalisation layers and
     activations.
-
-    Args:
-        epsilon: epsilon of the Epsilon rule (and of the normalisation rules).
-        stabilizer: stabiliser of the other rules.
-        canonizers: canonizers applied before the rules are registered.
     """
-
-    def __init__(
-        self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers: list[Canonizer] | None = None
-    ):
-        super().__init__(
-            epsilon=epsilon, stabilizer=stabilizer, layer_map=_extra_layer_map(epsilon), canonizers=canonizers
-        )
 
 
 def make_composite(

@@ -217,7 +217,20 @@ def _bn_scale(module: nn.Module, ndim: int) -> torch.Tensor | None:
     return scale.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-class EpsilonRule(OutputRule):
+class _EpsilonOutputRule(OutputRule):
+    """An output rule that divides by the layer's output stabilised with ``epsilon``."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        super().__init__()
+        self.epsilon = epsilon
+        self.stabilizer = Stabilizer.ensure(epsilon)
+
+    def copy(self) -> _EpsilonOutputRule:
+        """Return a fresh copy (one hook instance per module)."""
+        return type(self)(self.epsilon)
+
+
+class EpsilonRule(_EpsilonOutputRule):
     """LRP epsilon rule, equal to zennit's ``Epsilon``: ``R_x = x * W^T (R_y / stabilize(y))``, ``y`` the output.
 
     Linear / convolution layers (not transposed) and BatchNorm in eval mode (an element-wise affine map, so the
@@ -226,11 +239,6 @@ class EpsilonRule(OutputRule):
     Args:
         epsilon: stabiliser of the division by the output.
     """
-
-    def __init__(self, epsilon: float = 1e-6):
-        super().__init__()
-        self.epsilon = epsilon
-        self.stabilizer = Stabilizer.ensure(epsilon)
 
     def prepare(self, module, x, out):
         """Keep ``x`` and the stabilised output (BatchNorm: only their ratio)."""
@@ -254,10 +262,6 @@ class EpsilonRule(OutputRule):
         x, den = x.clone(), _stabilize(out, self.stabilizer)
         weight = module.weight.detach()
         return lambda relevance: x * _input_vjp(module, x, weight, relevance / den)
-
-    def copy(self) -> EpsilonRule:
-        """Return a fresh copy."""
-        return EpsilonRule(self.epsilon)
 
 
 class ZPlusRule(OutputRule):
@@ -317,16 +321,12 @@ class PassRule(OutputRule):
         """Nothing to keep."""
         return _identity
 
-    def copy(self) -> PassRule:
-        """Return a fresh copy."""
-        return PassRule()
-
 
 def _identity(relevance: torch.Tensor) -> torch.Tensor:
     return relevance
 
 
-class NormalizationEpsilon(OutputRule):
+class NormalizationEpsilon(_EpsilonOutputRule):
     """Epsilon rule for normalisation layers with the standard deviation held constant.
 
     ``R_in = x * d/dx [ y'(x) . (R_out / stabilize(y)) ]`` where ``y'`` is the layer with detached std; for zero
@@ -335,11 +335,6 @@ class NormalizationEpsilon(OutputRule):
     Args:
         epsilon: stabiliser of the division by the output.
     """
-
-    def __init__(self, epsilon: float = 1e-6):
-        super().__init__()
-        self.epsilon = epsilon
-        self.stabilizer = Stabilizer.ensure(epsilon)
 
     def prepare(self, module, x, out):
         """Keep the layer input for the backward pass."""
@@ -355,7 +350,3 @@ class NormalizationEpsilon(OutputRule):
             return x * grad
 
         return rule
-
-    def copy(self) -> NormalizationEpsilon:
-        """Return a fresh copy (one hook instance per module)."""
-        return NormalizationEpsilon(self.epsilon)

@@ -176,7 +176,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Prune report{': ' + r['bundle'] if r.get('bundle') else ''}",
         "",
-        f"Method **{r['method']}**, requested ratio **{r['ratio']}** of parameters"
+        f"Method **{r['method']}**, "
+        + (
+            f"requested speed-up **{r.get('speedup')}** (latency)"
+            if r.get("prune_target") == "latency"
+            else f"requested ratio **{r['ratio']}** of {'MACs' if r.get('prune_target') == 'macs' else 'parameters'}"
+        )
         + (f" over {r['stages']} stage(s)" if r.get("stages") else "")
         + (f"; {r['finetune_epochs']} fine-tune epoch(s)" if r.get("finetune_epochs") is not None else "")
         + ".",
@@ -204,6 +209,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {_fmt(v, 3)} |" for k, v in r["timings_s"].items()]
+    lines += _budget_lines(r)
     if r.get("stages_detail"):
         lines += [
             "",
@@ -226,6 +232,41 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "## Command", "", "```", str(r["command"]), "```"]
     lines += _figure_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100.0 * float(v):.1f}%"
+
+
+def _budget_lines(r: Mapping[str, Any]) -> list[str]:
+    """The "Budget" section: params, MACs and measured latency side by side, requested vs achieved; removed blocks."""
+    budget = r.get("budget")
+    if not budget:
+        return []
+    lat = budget.get("latency", {})
+    lines = [
+        "",
+        "## Budget",
+        "",
+        f"Budget counted in **{r.get('prune_target', 'params')}**, {r.get('steps', 1)} re-scored step(s) per stage"
+        + (f", depth ratio {r['depth_ratio']}" if r.get("depth_ratio") else "")
+        + "; requested and achieved over the whole run (removed fraction of the original; speed-up for latency).",
+        "",
+        "| | requested | achieved |",
+        "|---|---|---|",
+        f"| parameters removed | {_pct(budget['params'].get('requested'))} | {_pct(budget['params'].get('achieved'))} |",
+        f"| MACs removed | {_pct(budget['macs'].get('requested'))} | {_pct(budget['macs'].get('achieved'))} |",
+        f"| latency speed-up (measured) | {_fmt(lat.get('requested_speedup'), 3)} | {_fmt(lat.get('measured_speedup'), 3)} |",
+    ]
+    if lat.get("estimated_speedup") is not None:
+        lines.append(
+            f"| latency speed-up (latency-table estimate) | | {_fmt(lat.get('estimated_speedup'), 3)} |"
+        )
+    blocks = r.get("removed_blocks") or []
+    if blocks:
+        lines += ["", "## Removed blocks", "", "| stage | block | relevance |", "|---|---|---|"]
+        lines += [f"| {b.get('stage')} | `{b['name']}` | {_fmt(b.get('relevance'), 3)} |" for b in blocks]
+    return lines
 
 
 def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
@@ -344,6 +385,33 @@ class PruneReport:
     settings: dict[str, Any] = field(default_factory=dict)
     relevance_input_shape: list[int] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    prune_target: str = "params"
+    speedup: float | None = None
+    steps: int = 1
+    depth_ratio: float = 0.0
+
+    def budget(self) -> dict[str, Any]:
+        """Requested vs achieved over the run: removed fractions of params and MACs, measured latency speed-up."""
+        b, a, history = self.before, self.after, self.stages_detail
+        params_removed = 1.0 - a.params / max(b.params, 1)
+        macs_removed = 1.0 - a.macs / max(b.macs, 1.0)
+        measured = b.latency["median_ms"] / a.latency["median_ms"] if a.latency.get("median_ms") else None
+        estimated = None
+        if self.prune_target == "latency" and history:
+            estimated = 1.0
+            for h in history:
+                estimated *= h.get("latency_estimated_speedup") or 1.0
+        requested = {self.prune_target: self.ratio} if self.prune_target in ("params", "macs") else {}
+        return {
+            "params": {"requested": requested.get("params"), "achieved": params_removed},
+            "macs": {"requested": requested.get("macs"), "achieved": macs_removed},
+            "latency": {
+                "requested_speedup": self.speedup if self.prune_target == "latency" else None,
+                "measured_speedup": measured,
+                "estimated_speedup": estimated,
+            },
+            "depth_ratio": self.depth_ratio,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         b, a = self.before, self.after
@@ -371,6 +439,14 @@ class PruneReport:
             "per_layer": [
                 {"name": n, "channels_before": c, "channels_after": a.channels.get(n, 0)}
                 for n, c in b.channels.items()
+            ],
+            "prune_target": self.prune_target,
+            "speedup": self.speedup,
+            "steps": self.steps,
+            "depth_ratio": self.depth_ratio,
+            "budget": self.budget(),
+            "removed_blocks": [
+                {"stage": h.get("stage"), **blk} for h in history for blk in h.get("removed_blocks") or []
             ],
             "stages_detail": [{k: v for k, v in h.items() if k != "per_layer"} for h in history],
             "timings_s": dict(self.timings_s),

@@ -1,23 +1,6 @@
 """The lowest layer: helpers every other part may use (settings checks, DDP, batches, file I/O); imports nothing above."""
 
-from monai_iaprune.utils.batch import (
-    FirstOutput,
-    check_input_dims,
-    first_output,
-    input_batches,
-    model_device,
-    plain_tensor,
-    spatial_dims,
-    split_batch,
-)
+from monai_iaprune.utils import batch
+from monai_iaprune.utils.batch import *  # noqa: F403
 
-__all__ = [
-    "FirstOutput",
-    "check_input_dims",
-    "first_output",
-    "input_batches",
-    "model_device",
-    "plain_tensor",
-    "spatial_dims",
-    "split_batch",
-]
+__all__ = list(batch.__all__)
