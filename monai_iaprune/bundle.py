@@ -18,6 +18,7 @@ from torch import nn
 
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned, safe_load
 from monai_iaprune.utils.ddp import is_distributed, is_main_process, unwrap_network
+from monai_iaprune.utils.outputs import OutputTransaction
 from monai_iaprune.utils.settings import as_bool, check_int, check_ratio
 
 
@@ -217,24 +218,72 @@ def save_pruned_model(
     example_inputs: torch.Tensor,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    onnx_path: str | os.PathLike | None = None,
+    pt2_path: str | os.PathLike | None = None,
+    transaction: OutputTransaction | None = None,
 ) -> list[str]:
-    """Save the pruned network (structure + weights) and optionally its TorchScript export; returns the paths."""
+    """Save the pruned network (structure + weights) and its optional exports as one transaction; return the paths.
+
+    Every file is written under a temporary name first (checkpoint, TorchScript, ONNX, ``torch.export``); only when
+    all are written (and each export checked against the eager network) are they renamed into place, so a failure
+    leaves none of them and no temporary file.
+
+    Args:
+        network: the pruned network (DDP is unwrapped).
+        path: the pruned checkpoint (``save_pruned`` format).
+        torchscript_path, onnx_path, pt2_path: the exports (None: not written). ONNX needs the optional packages
+            ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install monai-iaprune[export]``).
+        example_inputs: one input batch for tracing and the export checks.
+        overwrite: replace existing files; otherwise ``FileExistsError`` before anything is written.
+        extra: plain data stored in the checkpoint.
+        transaction: an open ``OutputTransaction`` holding these paths: write to its temporary names and leave the
+            commit to its owner (the prune run commits them with the report). None: a transaction of their own.
+    """
     from monai_iaprune.pruning.checkpoint import export_torchscript, save_pruned
+    from monai_iaprune.pruning.export import export_onnx, export_torch_export
 
     net, overwrite = unwrap_network(network), as_bool(overwrite, "overwrite")
-    targets = [p for p in (path, torchscript_path) if p]
-    check_writable(targets, overwrite)
-    save_pruned(net, str(path), extra=extra, overwrite=overwrite)
-    out = [str(path)]
-    if torchscript_path:
+    targets = [Path(p) for p in (path, torchscript_path, onnx_path, pt2_path) if p]
+    if onnx_path:
+        check_onnx_available()
+    own = transaction is None
+    tx = OutputTransaction(targets, overwrite).begin() if own else transaction
+    try:
+        save_pruned(net, tx.temp(path), extra=extra, overwrite=True)
         device = next(net.parameters()).device
-        export_torchscript(net, str(torchscript_path), example_inputs.to(device), overwrite=overwrite)
-        out.append(str(torchscript_path))
-    return out
+        example = example_inputs.to(device)
+        if torchscript_path:
+            export_torchscript(net, tx.temp(torchscript_path), example, overwrite=True)
+        if onnx_path:
+            export_onnx(net, tx.temp(onnx_path), example, overwrite=True)
+        if pt2_path:
+            export_torch_export(net, tx.temp(pt2_path), example, overwrite=True)
+        if own:
+            tx.commit()
+    except BaseException:
+        tx.abort()
+        raise
+    finally:
+        if own:
+            tx.release()
+    return [str(p) for p in targets]
+
+
+def check_onnx_available() -> None:
+    """Raise ImportError naming the missing packages when ONNX export (and its onnxruntime check) cannot run."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"export_onnx is true but {', '.join(missing)} is not installed: pip install {' '.join(missing)} "
+            "(or pip install monai-iaprune[export]), or pass --export_onnx false"
+        )
 
 
 __all__ = [
     "check_dataset_dir",
+    "check_onnx_available",
     "check_prune_settings",
     "check_writable",
     "load_network",

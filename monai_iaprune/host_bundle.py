@@ -25,11 +25,12 @@ from monai.inferers import SlidingWindowInferer
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
-from monai_iaprune.bundle import check_writable, load_or_train, save_pruned_model
+from monai_iaprune.bundle import check_onnx_available, load_or_train, save_pruned_model
 from monai_iaprune.handlers import (
     ExplanationConsistencyHandler,
     PatchOutputTransform,
     PruneReportHandler,
+    PruneResumeHandler,
     RelevanceCollector,
     RelevancePruningHandler,
 )
@@ -38,7 +39,8 @@ from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.prune import count_params
 from monai_iaprune.relevance.registry import METHODS
 from monai_iaprune.report.explanation_budget import DEFAULT_RATIOS, AgreementBudget, prune_to_min_agreement
-from monai_iaprune.utils.ddp import barrier, is_main_process, unwrap_network, world_size
+from monai_iaprune.utils.ddp import barrier, is_distributed, is_main_process, unwrap_network, world_size
+from monai_iaprune.utils.outputs import OutputTransaction
 from monai_iaprune.utils.settings import as_bool, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -358,6 +360,12 @@ def prune_host_bundle(
     stage_epochs: int = 1,
     train_if_missing: bool = False,
     overwrite: bool = False,
+    pruned_onnx: str | os.PathLike | None = None,
+    pruned_pt2: str | os.PathLike | None = None,
+    export_onnx: bool = False,
+    export_pt2: bool = False,
+    resume: bool = False,
+    resume_file: str | os.PathLike | None = None,
     consistency: ExplanationConsistencyHandler | None = None,
     min_agreement: float | None = None,
     agreement_ratios: Sequence[float] | None = None,
@@ -386,6 +394,19 @@ def prune_host_bundle(
             is a frozen copy of the loaded, unpruned network.
         min_agreement: when set, ``resolve_min_agreement`` picks the pruning ratio among ``agreement_ratios``
             (default ``DEFAULT_RATIOS``) after the checkpoint is loaded and before the trainer runs.
+        pruned_onnx, pruned_pt2: ONNX / ``torch.export`` files, written when ``export_onnx`` / ``export_pt2``
+            (default paths: beside ``pruned_checkpoint`` with the suffix ``.onnx`` / ``.pt2``).
+        export_onnx, export_pt2: also write those exports (``as_bool``; ONNX needs onnx, onnxscript, onnxruntime).
+        resume: continue a killed run from ``resume_file`` (``as_bool``); a missing file is an error.
+        resume_file: the resume checkpoint, default ``resume.pt`` beside ``pruned_checkpoint``; written at every
+            trainer epoch start and removed when the run's outputs are in place.
+
+    Note:
+        The outputs are one transaction (``monai_iaprune.utils.outputs.OutputTransaction``): before any work every
+        output folder is checked writable, locked (``.monai_iaprune.lock``; a second run fails at once naming the
+        first's pid) and cleaned of a killed run's temporary files, and any existing output (checkpoint, exports,
+        report ``.json`` / ``.md``, figures folder) is refused unless ``overwrite``. Everything is written under
+        temporary names and renamed into place at the end, the report last.
 
     Returns:
         The report dict (also written by ``report_handler``).
@@ -439,9 +460,27 @@ def prune_host_bundle(
             f"no trained host checkpoint at {host_checkpoint}: train the host bundle first "
             "(python -m monai.bundle run --config_file configs/train.json) or pass --host_checkpoint <path>"
         )
-    report_dir = Path(report_handler.output_dir)
-    outputs = [Path(pruned_checkpoint), report_dir / "prune_report.json", report_dir / "prune_report.md"]
-    check_writable(outputs + ([Path(pruned_torchscript)] if pruned_torchscript else []), overwrite)
+    export_onnx, export_pt2 = as_bool(export_onnx, "export_onnx"), as_bool(export_pt2, "export_pt2")
+    resume = as_bool(resume, "resume")
+    if export_onnx:
+        check_onnx_available()
+    pruned_checkpoint = Path(pruned_checkpoint)
+    pruned_onnx = (pruned_onnx or pruned_checkpoint.with_suffix(".onnx")) if export_onnx else None
+    pruned_pt2 = (pruned_pt2 or pruned_checkpoint.with_suffix(".pt2")) if export_pt2 else None
+    resume_file = Path(resume_file or pruned_checkpoint.parent / "resume.pt")
+    if resume and not resume_file.is_file():
+        raise FileNotFoundError(
+            f"--resume true but there is no resume file {resume_file}: the earlier run finished (its outputs are "
+            "in place) or never started pruning; run without --resume true to start afresh"
+        )
+    report_dir, name = Path(report_handler.output_dir), report_handler.name
+    models = [p for p in (pruned_checkpoint, pruned_torchscript, pruned_onnx, pruned_pt2) if p]
+    reports = [
+        report_dir / report_handler.figures_dir,
+        report_dir / f"{name}.md",
+        report_dir / f"{name}.json",
+    ]
+    outputs = [Path(p) for p in models] + reports  # commit order: the report last
     if Path(pruned_checkpoint).resolve() == host_checkpoint.resolve():
         raise ValueError(f"pruned_checkpoint is the host checkpoint {host_checkpoint}; choose another path")
     pause = SaverPause(evaluator)
@@ -453,8 +492,89 @@ def prune_host_bundle(
                 "ckpt_dir to models/pruned; if the saver uses another key, override that key)"
             )
 
+    # checks, locks and stale temporary files before any work (rank 0 writes; the others only compute)
+    tx = _open_outputs(outputs, overwrite)
+    final_report_dir = report_handler.output_dir
+    try:
+        return _prune_in_transaction(
+            tx, network, trainer, evaluator, pruning_handler, report_handler, pause, host_checkpoint,
+            pruned_checkpoint, pruned_torchscript, pruned_onnx, pruned_pt2, models, reports, resume, resume_file,
+            finetune_epochs, stage_epochs, epochs, train_if_missing, overwrite,
+            consistency=consistency, min_agreement=min_agreement, agreement_ratios=agreement_ratios,
+        )  # fmt: skip
+    finally:
+        report_handler.output_dir = final_report_dir
+        if tx is not None:
+            tx.__exit__(None, None, None)
+
+
+def _open_outputs(outputs: Sequence[Path], overwrite: bool) -> OutputTransaction | None:
+    """Rank 0 opens the output transaction; its error is raised on every rank, so no rank waits in a collective."""
+    tx, error = None, [None]
+    if is_main_process():
+        try:
+            tx = OutputTransaction(outputs, overwrite).begin()
+        except Exception as e:
+            if not is_distributed():
+                raise
+            error = [f"{type(e).__name__}: {e}"]
+            first = e
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        if is_main_process():
+            raise first
+        raise RuntimeError(f"rank 0 could not open the prune run's outputs: {error[0]}")
+    return tx
+
+
+def _prune_in_transaction(
+    tx: OutputTransaction | None,
+    network: nn.Module,
+    trainer: Any,
+    evaluator: Any,
+    pruning_handler: RelevancePruningHandler,
+    report_handler: PruneReportHandler,
+    pause: SaverPause,
+    host_checkpoint: Path,
+    pruned_checkpoint: Path,
+    pruned_torchscript: str | os.PathLike | None,
+    pruned_onnx: str | os.PathLike | None,
+    pruned_pt2: str | os.PathLike | None,
+    models: list,
+    reports: list[Path],
+    resume: bool,
+    resume_file: Path,
+    finetune_epochs: int,
+    stage_epochs: int,
+    epochs: int,
+    train_if_missing: bool,
+    overwrite: bool,
+    *,
+    consistency: ExplanationConsistencyHandler | None = None,
+    min_agreement: float | None = None,
+    agreement_ratios: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """``prune_host_bundle`` once its checks passed and its output folders are locked."""
+    stages = pruning_handler.stages
+    if tx is not None:  # the report handler writes into a scratch folder, moved into place at the commit
+        report_handler.output_dir = str(tx.scratch(reports[0].parent, "prune_report"))
     load_or_train(network, host_checkpoint, trainer if train_if_missing else None, report_handler.timings_s)
     host_hash = _sha256(host_checkpoint)
+    resume_settings = {
+        "method": pruning_handler.method,
+        "ratio": pruning_handler.ratio,
+        "stages": stages,
+        "stage_epochs": stage_epochs,
+        "finetune_epochs": finetune_epochs,
+        "host_checkpoint_sha256": host_hash,
+    }
+    if not resume and resume_file.exists():
+        logger.warning(f"starting afresh: the resume file {resume_file} of an earlier run will be replaced "
+                       "(pass --resume true to continue that run instead)")  # fmt: skip
+    resumer = PruneResumeHandler(resume_file, pruning_handler, resume, resume_settings)
     report_handler.settings.update(
         finetune_epochs=finetune_epochs,
         stage_epochs=stage_epochs,
@@ -462,6 +582,8 @@ def prune_host_bundle(
         host_checkpoint_sha256=host_hash,
         pruned_checkpoint=os.path.abspath(pruned_checkpoint),
         pruned_torchscript=os.path.abspath(pruned_torchscript) if pruned_torchscript else None,
+        pruned_onnx=os.path.abspath(pruned_onnx) if pruned_onnx else None,
+        pruned_pt2=os.path.abspath(pruned_pt2) if pruned_pt2 else None,
         world_size=world_size(),
     )
     collector = pruning_handler.collector
@@ -494,26 +616,36 @@ def prune_host_bundle(
             explanation_consistency_per_epoch=per_epoch,
         )
 
-        def record_term(
-            engine: Any,
-        ) -> None:  # before the report handler, which writes at the last epoch's end
+        # attached before the report handler, which writes the report at the last epoch's end
+        def record_term(engine: Any) -> None:
             if "explanation_consistency" in engine.state.metrics:
                 per_epoch.append(float(engine.state.metrics["explanation_consistency"]))
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, record_term)
     pause.attach(trainer)
     report_handler.attach(trainer)
+    resumer.attach(
+        trainer
+    )  # after the report's unpruned snapshot, before the pruning handler's stage at STARTED
     pruning_handler.attach(trainer)
     trainer.add_event_handler(Events.COMPLETED, pause.resume)
-    # a new run from epoch 0 (stage 1 at STARTED), also after the trainer pre-trained the network
-    trainer.state.epoch, trainer.state.iteration, trainer.state.max_epochs = 0, 0, epochs
+    # a new run from epoch 0 (stage 1 at STARTED), also after the trainer pre-trained the network; or the resumed one
+    start = resumer.trainer_state() or (0, 0)
+    trainer.state.epoch, trainer.state.iteration, trainer.state.max_epochs = *start, epochs
+    report_handler.settings["resumed_from_epoch"] = start[0] if resume else None
     trainer.run()
 
     extra = {"method": pruning_handler.method, "ratio": pruning_handler.ratio, "stages": stages}
-    if is_main_process():
+    if tx is not None:
         save_pruned_model(
-            network, pruned_checkpoint, pruned_torchscript, report_handler.example_inputs, overwrite, extra
-        )
+            network, pruned_checkpoint, pruned_torchscript, report_handler.example_inputs, overwrite, extra,
+            onnx_path=pruned_onnx, pt2_path=pruned_pt2, transaction=tx,
+        )  # fmt: skip
+        scratch = Path(report_handler.output_dir)
+        for final in reports:
+            tx.temp(final, scratch / final.name)
+        tx.commit()
+        resumer.finish()
     barrier()
     if _sha256(host_checkpoint) != host_hash:
         raise RuntimeError(

@@ -23,7 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from monai_iaprune.pruning.prune import count_macs, count_params
+from monai_iaprune.pruning.prune import CountsBeforeAfter, count_macs, count_params
 from monai_iaprune.relevance.blocks import (
     Block,
     RemovedBlock,
@@ -61,7 +61,7 @@ _PASS_TYPES = (
 
 
 @dataclass
-class DepthPruneResult:
+class DepthPruneResult(CountsBeforeAfter):
     """What ``prune_depth`` did.
 
     Attributes:
@@ -88,14 +88,6 @@ class DepthPruneResult:
     method: str | None = None
     history: list[tuple[str, str, list[int]]] = field(default_factory=list)
 
-    @property
-    def params_removed(self) -> float:
-        return 1.0 - self.params_after / max(self.params_before, 1)
-
-    @property
-    def macs_removed(self) -> float:
-        return 1.0 - self.macs_after / max(self.macs_before, 1.0)
-
     def as_dict(self) -> dict[str, Any]:
         """Plain data (for reports and ``save_pruned(extra=...)``)."""
         return {
@@ -105,12 +97,7 @@ class DepthPruneResult:
             "removed_blocks": list(self.removed),
             "relevance": dict(self.relevance),
             "stages": {s: list(v) for s, v in self.stages.items()},
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "params_removed": self.params_removed,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "macs_removed": self.macs_removed,
+            **self.counts(),
         }
 
 

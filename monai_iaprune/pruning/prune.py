@@ -23,8 +23,37 @@ from monai_iaprune.relevance.registry import METHODS
 TARGETS = ("params", "macs", "channels", "latency")
 
 
+class CountsBeforeAfter:
+    """Parameter / MACs counts before and after a pruning step and the fractions removed (one place for both
+    width and depth results)."""
+
+    params_before: int
+    params_after: int
+    macs_before: float
+    macs_after: float
+
+    @property
+    def params_removed(self) -> float:
+        return 1.0 - self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_removed(self) -> float:
+        return 1.0 - self.macs_after / max(self.macs_before, 1.0)
+
+    def counts(self) -> dict[str, float]:
+        """``params_before/after/removed`` and ``macs_before/after/removed`` as a dict."""
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_removed": self.params_removed,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_removed": self.macs_removed,
+        }
+
+
 @dataclass
-class PruneResult:
+class PruneResult(CountsBeforeAfter):
     """What ``prune`` did.
 
     Attributes:
@@ -58,24 +87,11 @@ class PruneResult:
             return None
         return self.latency_before / self.latency_after
 
-    @property
-    def params_removed(self) -> float:
-        return 1.0 - self.params_after / self.params_before
-
-    @property
-    def macs_removed(self) -> float:
-        return 1.0 - self.macs_after / max(self.macs_before, 1.0)
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "ratio": self.ratio,
             "target": self.target,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "params_removed": self.params_removed,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "macs_removed": self.macs_removed,
+            **self.counts(),
             "channel_ratio": self.channel_ratio,
             "cost_aware": self.cost_aware,
             "latency_before": self.latency_before,

@@ -1,0 +1,107 @@
+"""Deployment from a bundle: ONNX / torch.export next to TorchScript, inference.json and ckpt_export on a pruned model."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+BUNDLE = ROOT / "bundles" / "classification_2d"
+TINY = {"num_synthetic": 16, "image_size": 16, "batch_size": 8}
+PRUNE = {"epochs": 1, "finetune_epochs": 1, "latency_repeats": 2, "calibration_batches": 1, "explain": False}
+
+
+def _configs(b: Path, *names: str) -> list[str]:
+    return [str(b / "configs" / n) for n in names]
+
+
+def test_missing_onnx_packages_fail_before_any_work(tmp_path, monkeypatch):
+    from monai.bundle import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else real(n, *a))
+    b = tmp_path / "b"
+    shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("models", "eval"))
+    with pytest.raises(Exception) as info:
+        run(
+            "prune",
+            config_file=_configs(b, "train.json", "prune.json"),
+            bundle_root=str(b),
+            export_onnx="true",
+        )
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("onnxscript is not installed" in m and "--export_onnx false" in m for m in chain), chain
+    assert not (b / "models").exists()
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+    reason="needs the optional export packages",
+)
+def test_exports_inference_and_ckpt_export_on_pruned_model(tmp_path):
+    from monai.bundle import ckpt_export, run
+
+    b = tmp_path / "b"
+    shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("models", "eval"))
+    run(
+        "prune",
+        config_file=_configs(b, "train.json", "prune.json"),
+        bundle_root=str(b),
+        export_onnx="true",
+        export_pt2=True,
+        **TINY,
+        **PRUNE,
+    )
+    models = b / "models"
+    assert {p.name for p in models.iterdir()} == {
+        "model.pt",
+        "model_pruned.pt",
+        "model_pruned.ts",
+        "model_pruned.onnx",
+        "model_pruned.pt2",
+    }
+    x = torch.rand(2, 1, 16, 16)
+    ts = torch.jit.load(str(models / "model_pruned.ts"))
+    pt2 = torch.export.load(str(models / "model_pruned.pt2")).module()
+    torch.testing.assert_close(pt2(x), ts(x), atol=1e-4, rtol=1e-4)
+    import onnxruntime
+
+    sess = onnxruntime.InferenceSession(str(models / "model_pruned.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.as_tensor(sess.run(None, {"input": x.numpy()})[0])
+    torch.testing.assert_close(got, ts(x), atol=1e-4, rtol=1e-4)
+
+    # the README's inference command on the pruned checkpoint
+    run(
+        config_file=_configs(b, "train.json", "inference.json"),
+        bundle_root=str(b),
+        eval_checkpoint=str(models / "model_pruned.pt"),
+        output_dir=str(b / "infer"),
+        **TINY,
+    )
+    rows = list(csv.reader((b / "infer" / "predictions.csv").open()))
+    assert len(rows) > 0 and all(r[1] in ("0.0", "1.0") for r in rows)
+
+    # MONAI's ckpt_export with inference.json's network (load_network: the pruned structure, then the weights)
+    ckpt_export(
+        "network",
+        filepath=str(b / "exported.ts"),
+        ckpt_file=str(models / "model_pruned.pt"),
+        key_in_ckpt="state_dict",
+        meta_file=str(b / "configs" / "metadata.json"),
+        config_file=_configs(b, "train.json", "inference.json"),
+        bundle_root=str(b),
+        eval_checkpoint=str(models / "model_pruned.pt"),
+        use_trace=True,
+        input_shape=[1, 1, 16, 16],
+        **TINY,
+    )
+    exported = torch.jit.load(str(b / "exported.ts"))
+    torch.testing.assert_close(exported(x), ts(x), atol=1e-5, rtol=1e-5)
