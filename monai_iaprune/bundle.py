@@ -6,9 +6,10 @@ nothing on disk is overwritten (``models/model.pt`` is written only when it does
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,65 @@ def check_prune_settings(method: str, ratio: float, stages: int = 1, finetune_ep
     check_ratio(ratio)
     check_int(stages, "stages")
     check_int(finetune_epochs, "finetune_epochs", 0)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"bad {name} {value!r}: need a finite number")
+    return float(value)
+
+
+def check_explain_settings(
+    explain_weight: float = 0.0,
+    explain_explainer: str = "grad_x_input",
+    explain_distill_weight: float = 0.0,
+    explain_method: str = "ig",
+    min_agreement: float | None = None,
+    stages: int = 1,
+    agreement_ratios: Sequence[float] | None = None,
+) -> None:
+    """Raise ValueError (naming the setting) for bad explanation-consistency or explanation-budget settings.
+
+    ``explain_weight`` >= 0 (0: off); ``explain_explainer`` a differentiable explainer; ``explain_distill_weight``
+    >= 0; the report's ``explain_method`` must differ from the training explainer when the term is on (agreement
+    measured with the explainer the student was fitted to would be optimistic); ``min_agreement`` null or in
+    (0, 1], with ``stages`` 1 (the agreement is measured for one-shot pruning); ``agreement_ratios`` null or
+    numbers strictly between 0 and 1.
+    """
+    from monai_iaprune.relevance.differentiable_maps import DIFFERENTIABLE_EXPLAINERS
+    from monai_iaprune.relevance.registry import input_map_methods
+
+    weight = _number(explain_weight, "explain_weight")
+    if weight < 0:
+        raise ValueError(f"bad explain_weight {explain_weight!r}: need a number >= 0 (0 turns the term off)")
+    if explain_explainer not in DIFFERENTIABLE_EXPLAINERS:
+        raise ValueError(
+            f"bad explain_explainer {explain_explainer!r}: use one of {sorted(DIFFERENTIABLE_EXPLAINERS)}"
+        )
+    if _number(explain_distill_weight, "explain_distill_weight") < 0:
+        raise ValueError(f"bad explain_distill_weight {explain_distill_weight!r}: need a number >= 0")
+    if explain_method not in input_map_methods():
+        raise ValueError(f"bad explain_method {explain_method!r}: use one of {input_map_methods()}")
+    if weight > 0 and explain_explainer == explain_method:
+        raise ValueError(
+            f"explain_explainer and explain_method are both {explain_method!r}: the report would measure agreement "
+            "with the explainer the network was fine-tuned to match (optimistic); evaluate with another one, "
+            "e.g. --explain_method lrp, or train with --explain_explainer grad_x_input"
+        )
+    if min_agreement is not None:
+        if not 0.0 < _number(min_agreement, "min_agreement") <= 1.0:
+            raise ValueError(f"bad min_agreement {min_agreement!r}: need a number in (0, 1] or null (off)")
+        if stages != 1:
+            raise ValueError(
+                f"min_agreement needs stages=1 (got {stages!r}): the agreement is measured for one-shot pruning"
+            )
+    if agreement_ratios is not None:
+        if isinstance(agreement_ratios, (str, bytes)) or not isinstance(agreement_ratios, Sequence):
+            raise ValueError(f"bad agreement_ratios {agreement_ratios!r}: need a list of ratios or null")
+        for r in agreement_ratios:
+            check_ratio(r, "agreement_ratios entry")
+        if not agreement_ratios:
+            raise ValueError("bad agreement_ratios []: need at least one ratio, or null for the defaults")
 
 
 def check_dataset_dir(dataset_dir: str | os.PathLike | None) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from monai_iaprune.bundle import check_onnx_available, load_or_train, save_pruned_model
 from monai_iaprune.handlers import (
+    ExplanationConsistencyHandler,
     PatchOutputTransform,
     PruneReportHandler,
     PruneResumeHandler,
@@ -37,6 +38,7 @@ from monai_iaprune.handlers.patch_output_transform import PATCH_MODES
 from monai_iaprune.pruning.checkpoint import atomic_write, load_pruned
 from monai_iaprune.pruning.prune import count_params
 from monai_iaprune.relevance.registry import METHODS
+from monai_iaprune.report.explanation_budget import DEFAULT_RATIOS, AgreementBudget, prune_to_min_agreement
 from monai_iaprune.utils.ddp import barrier, is_distributed, is_main_process, unwrap_network, world_size
 from monai_iaprune.utils.outputs import OutputTransaction
 from monai_iaprune.utils.settings import as_bool, check_int
@@ -50,12 +52,14 @@ __all__ = [
     "PatchOutputTransform",
     "SaverPause",
     "check_host_config",
+    "consistency_handler",
     "evaluate_pruned",
     "evaluator_collector",
     "patch_transform",
     "metric_name",
     "missing_host_keys",
     "prune_host_bundle",
+    "resolve_min_agreement",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,6 +264,89 @@ def evaluator_collector(
     return RelevanceCollector(method, **kwargs, **({"output_transform": patches} if patches else {}))
 
 
+def consistency_handler(
+    weight: float,
+    explainer: str = "grad_x_input",
+    distill_weight: float = 0.0,
+    explainer_kwargs: Mapping[str, Any] | None = None,
+) -> ExplanationConsistencyHandler | None:
+    """The overlay's ``explain_weight`` as a handler: None when 0 (off), else an ``ExplanationConsistencyHandler``
+    adding the term from epoch 1, the first epoch after the overlay's first stage (which prunes at epoch 0);
+    ``prune_host_bundle`` gives it the unpruned network as teacher before the trainer runs."""
+    if not float(weight) > 0:
+        return None
+    return ExplanationConsistencyHandler(
+        float(weight),
+        explainer=explainer,
+        start_epoch=1,
+        distill_weight=float(distill_weight),
+        explainer_kwargs=dict(explainer_kwargs or {}),
+    )
+
+
+def resolve_min_agreement(
+    network: nn.Module,
+    trainer: Any,
+    evaluator: Any,
+    pruning_handler: RelevancePruningHandler,
+    report_handler: PruneReportHandler,
+    min_agreement: float,
+    ratios: Sequence[float] | None = None,
+) -> AgreementBudget:
+    """Set ``pruning_handler``'s ratio to the largest of ``ratios`` whose explanations still agree at ``min_agreement``.
+
+    Runs ``prune_to_min_agreement`` on a copy of the trained ``network`` (before the trainer runs): relevance from
+    the pruning handler (its collector runs the evaluator), agreement with the report's ``explain_method`` on the
+    report's explanation data (the evaluator's batches, or its patches), BatchNorm re-calibrated on the handler's
+    data, ``ratio`` meaning what the handler's ``prune_kwargs`` ``target`` says (default parameters). The choice
+    and the measured agreement go into the report's settings.
+
+    Raises:
+        AgreementNotReached: no ratio keeps the agreement (raised before any training).
+    """
+    # the handler's own relevance step (its collector runs the evaluator), not a second copy of it
+    relevance = pruning_handler._relevance(trainer, network)
+    prune_kwargs = dict(pruning_handler.prune_kwargs)
+    prune_kwargs.pop("target", None)  # legacy spelling of prune_target, already folded into it by the handler
+    target = pruning_handler.prune_target
+    if pruning_handler.cost_aware is not None:
+        prune_kwargs["cost_aware"] = pruning_handler.cost_aware
+    explain_kwargs = report_handler.explain_kwargs
+    map_kwargs = {"n_steps": explain_kwargs["n_steps"]} if "n_steps" in explain_kwargs else {}
+    budget = prune_to_min_agreement(
+        network,
+        relevance,
+        report_handler.explain_data or evaluator.data_loader,
+        min_agreement=float(min_agreement),
+        explainer=report_handler.explain_method,
+        ratios=list(ratios) if ratios else DEFAULT_RATIOS,
+        target=target,
+        calibration_data=pruning_handler._data(trainer),
+        example_inputs=pruning_handler.example_input(trainer, relevance),
+        max_calibration_batches=pruning_handler.max_batches,
+        image_key=pruning_handler.image_key,
+        label_key=pruning_handler.label_key,
+        map_kwargs=map_kwargs,
+        ignored_layers=pruning_handler.ignored_layers,
+        **prune_kwargs,
+    )
+    # one stage of one step, widths only (checked by prune_host_bundle): every budget fraction is the ratio
+    pruning_handler.ratio = pruning_handler.stage_ratio = pruning_handler.step_ratio = budget.ratio
+    report_handler.settings.update(
+        min_agreement=float(min_agreement),
+        min_agreement_explainer=report_handler.explain_method,
+        min_agreement_target=target,
+        min_agreement_ratio=budget.ratio,
+        min_agreement_measured=budget.agreement,
+        min_agreement_tried=[list(t) for t in budget.tried],
+    )
+    logger.info(
+        f"min_agreement={min_agreement}: ratio {budget.ratio} ({target}) keeps the {report_handler.explain_method} "
+        f"agreement at {budget.agreement:.4f} (tried {budget.tried})"
+    )
+    return budget
+
+
 def prune_host_bundle(
     network: nn.Module,
     trainer: Any,
@@ -279,6 +366,9 @@ def prune_host_bundle(
     export_pt2: bool = False,
     resume: bool = False,
     resume_file: str | os.PathLike | None = None,
+    consistency: ExplanationConsistencyHandler | None = None,
+    min_agreement: float | None = None,
+    agreement_ratios: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Check the host, load (or train) its checkpoint, attach the handlers, run the host trainer, save the result.
 
@@ -300,6 +390,10 @@ def prune_host_bundle(
         stage_epochs: host-trainer epochs between two stages.
         train_if_missing: run the host trainer and save ``host_checkpoint`` when it does not exist (never replacing).
         overwrite: replace existing pruned outputs and report (never ``host_checkpoint``).
+        consistency: an ``ExplanationConsistencyHandler`` (``consistency_handler``) to fine-tune with; its teacher
+            is a frozen copy of the loaded, unpruned network.
+        min_agreement: when set, ``resolve_min_agreement`` picks the pruning ratio among ``agreement_ratios``
+            (default ``DEFAULT_RATIOS``) after the checkpoint is loaded and before the trainer runs.
         pruned_onnx, pruned_pt2: ONNX / ``torch.export`` files, written when ``export_onnx`` / ``export_pt2``
             (default paths: beside ``pruned_checkpoint`` with the suffix ``.onnx`` / ``.pt2``).
         export_onnx, export_pt2: also write those exports (``as_bool``; ONNX needs onnx, onnxscript, onnxruntime).
@@ -343,6 +437,23 @@ def prune_host_bundle(
             "the host trainer, evaluator and host_network must share one network object (as model-zoo bundles do "
             "with @network); point --host_network at the network both use"
         )
+    if world_size() > 1 and (consistency is not None or min_agreement is not None):
+        raise ValueError(
+            "explain_weight > 0 and min_agreement are not supported under torch.distributed yet (the consistency "
+            "term bypasses DDP's gradient all-reduce; each rank would measure agreement on its own shard): run "
+            "single-process, or use min_agreement once single-process and pass the chosen --ratio"
+        )
+    if min_agreement is not None:
+        for name, value, ok in (
+            ("prune_target", pruning_handler.prune_target, pruning_handler.prune_target != "latency"),
+            ("depth_ratio", pruning_handler.depth_ratio, pruning_handler.depth_ratio == 0),
+            ("steps", pruning_handler.steps, pruning_handler.steps == 1),
+        ):
+            if not ok:
+                raise ValueError(
+                    "min_agreement measures one-shot channel pruning by a params / MACs / channels ratio: it does "
+                    f"not combine with {name}={value!r}"
+                )
     host_checkpoint = Path(host_checkpoint)
     if not host_checkpoint.is_file() and not train_if_missing:
         raise FileNotFoundError(
@@ -389,6 +500,7 @@ def prune_host_bundle(
             tx, network, trainer, evaluator, pruning_handler, report_handler, pause, host_checkpoint,
             pruned_checkpoint, pruned_torchscript, pruned_onnx, pruned_pt2, models, reports, resume, resume_file,
             finetune_epochs, stage_epochs, epochs, train_if_missing, overwrite,
+            consistency=consistency, min_agreement=min_agreement, agreement_ratios=agreement_ratios,
         )  # fmt: skip
     finally:
         report_handler.output_dir = final_report_dir
@@ -440,6 +552,10 @@ def _prune_in_transaction(
     epochs: int,
     train_if_missing: bool,
     overwrite: bool,
+    *,
+    consistency: ExplanationConsistencyHandler | None = None,
+    min_agreement: float | None = None,
+    agreement_ratios: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """``prune_host_bundle`` once its checks passed and its output folders are locked."""
     stages = pruning_handler.stages
@@ -481,6 +597,31 @@ def _prune_in_transaction(
     # order matters: ignite runs the handlers of one event in the order they were attached
     if collector is not None:
         collector.attach(evaluator)
+    if min_agreement is not None:
+        pause.pause()  # the agreement search runs the evaluator (relevance) outside the trainer
+        try:
+            resolve_min_agreement(
+                network, trainer, evaluator, pruning_handler, report_handler, min_agreement, agreement_ratios
+            )
+        finally:
+            pause.resume()
+    if consistency is not None:
+        consistency.set_teacher(network)  # the trained, unpruned network (the first stage prunes at STARTED)
+        consistency.attach(trainer)
+        per_epoch: list[float] = []
+        report_handler.settings.update(
+            explain_weight=consistency.weight,
+            explain_explainer=consistency.loss.explainer,
+            explain_distill_weight=consistency.loss.distill_weight,
+            explanation_consistency_per_epoch=per_epoch,
+        )
+
+        # attached before the report handler, which writes the report at the last epoch's end
+        def record_term(engine: Any) -> None:
+            if "explanation_consistency" in engine.state.metrics:
+                per_epoch.append(float(engine.state.metrics["explanation_consistency"]))
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, record_term)
     pause.attach(trainer)
     report_handler.attach(trainer)
     resumer.attach(

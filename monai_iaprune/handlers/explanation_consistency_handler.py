@@ -125,19 +125,35 @@ class ExplanationConsistencyHandler:
             return
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def set_teacher(self, network: nn.Module) -> None:
+        """Match a frozen deep copy of ``network`` (unwrapped from ``DataParallel`` / DDP) from now on.
+
+        For callers that prune before the first epoch (``prune_epochs`` starting at 0): take the copy of the
+        trained network before the trainer runs, since ``teacher_epoch`` 1 would already see the pruned one.
+        """
+        if isinstance(network, (DataParallel, DistributedDataParallel)):
+            network = network.module
+        teacher = copy.deepcopy(network).eval()
+        teacher.requires_grad_(False)
+        self.teacher = self.loss.teacher = teacher
 
     def epoch_started(self, engine: Engine) -> None:
         """Take the teacher copy at ``teacher_epoch`` and reset the epoch's running mean."""
         self._sum, self._count = 0.0, 0
         if self.teacher is None and engine.state.epoch == self.teacher_epoch:
-            network = engine.network
-            if isinstance(network, (DataParallel, DistributedDataParallel)):
-                network = network.module
-            teacher = copy.deepcopy(network).eval()
-            teacher.requires_grad_(False)
-            self.teacher = self.loss.teacher = teacher
+            self.set_teacher(engine.network)
             self.logger.info(
                 f"explanation consistency: teacher copied at the start of epoch {engine.state.epoch}"
+            )
+
+    def epoch_completed(self, engine: Engine) -> None:
+        """Log the epoch's mean consistency term (only in epochs where it was added)."""
+        if self._count:
+            self.logger.info(
+                f"explanation consistency: epoch {engine.state.epoch} mean term {self._sum / self._count:.4f} "
+                f"(weight {self.weight:g}, {self.loss.explainer}, {self._count} iterations)"
             )
 
     def __call__(self, engine: Engine) -> None:

@@ -274,7 +274,7 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
     settings = r.get("explanation_settings") or {}
     code = r.get("explanation_method")
     method = {"ig": "Integrated Gradients", "lrp": "LRP"}.get(code, code)
-    return [
+    lines = [
         "",
         "## Explanations",
         "",
@@ -298,6 +298,23 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
         f"| deletion | {_fmt(r.get('deletion_auc_base'), 3)} | {_fmt(r.get('deletion_auc_pruned'), 3)} |",
         f"| insertion | {_fmt(r.get('insertion_auc_base'), 3)} | {_fmt(r.get('insertion_auc_pruned'), 3)} |",
     ]
+    if r.get("min_agreement") is not None:
+        lines += [
+            "",
+            f"Ratio chosen for min_agreement={r['min_agreement']} ({r.get('min_agreement_explainer')} Spearman on "
+            f"validation data, right after pruning and BatchNorm re-calibration): ratio {r.get('min_agreement_ratio')}, "
+            f"measured agreement {_fmt(r.get('min_agreement_measured'), 3)}.",
+        ]
+    if r.get("explain_weight"):
+        per_epoch = [_fmt(v, 3) for v in r.get("explanation_consistency_per_epoch") or []]
+        lines += [
+            "",
+            f"Fine-tuned with the explanation-consistency term (weight {r['explain_weight']}, "
+            f"{r.get('explain_explainer')} maps, teacher = the unpruned network); mean term per epoch: "
+            + (", ".join(per_epoch) or "n/a")
+            + ".",
+        ]
+    return lines
 
 
 def _figure_lines(r: Mapping[str, Any]) -> list[str]:

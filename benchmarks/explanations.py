@@ -1,0 +1,452 @@
+"""Explanation-preserving fine-tuning on MedMNIST (issue #16): plain vs explanation-consistency fine-tune.
+
+Per dataset: the seed-0 base model of ``run.py`` (loaded from its cache, trained with ``run.base_model`` when
+absent), pruned by LRP relevance to remove ``--ratios`` of its MACs (``prune(..., target="macs")``), BatchNorm
+re-calibrated, then fine-tuned with ``run.py``'s recipe (AdamW, one-cycle LR, flips / shifts, ``DATASETS``
+``ft_epochs``, best validation epoch including the start) twice from the same pruned weights and seed:
+
+- ``plain``: cross-entropy only;
+- ``explain``: cross-entropy + ``weight * ExplanationConsistencyLoss`` (gradient x input maps, teacher = the
+  unpruned network). ``weight`` is chosen among ``--weights`` on VALIDATION data: the largest median IG
+  Spearman agreement on ``--n_val`` validation images among weights whose validation ACC is not below the
+  plain arm's minus ``--val_acc_tol``; the test set is not looked at.
+
+Both arms are evaluated with explainers the student was *not* trained on, IG (captum, ``--ig_steps``) and LRP,
+on the first ``--n_expl`` test images: median Spearman and top-10 % IoU of pruned vs unpruned maps of the true
+label, mean deletion AUC of each model with its own maps (lower = more faithful), test ACC on the whole test
+set; 95 % percentile bootstrap intervals over images (``--n_boot`` resamples), and for ``explain`` rows the
+paired bootstrap interval of the ACC difference to ``plain``.
+
+    nice -n 10 python benchmarks/explanations.py --datasets breastmnist --seeds 0
+    # writes benchmarks/results/explanations.csv (rows appended, finished keys skipped) and explanations.md
+
+No timing is recorded (shared machine). A dataset whose data file is absent is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+from run import DATASETS, batches, load_split, make_model, metrics, model_name, predict  # noqa: E402
+
+from monai_iaprune import channel_relevance, prune, recalibrate_batchnorm  # noqa: E402
+from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss  # noqa: E402
+from monai_iaprune.pruning.prune import count_macs  # noqa: E402
+from monai_iaprune.report.explanations import (  # noqa: E402
+    agreement_from_maps,
+    attribution_maps,
+    curve_auc,
+    deletion_insertion_curves,
+    explained_selection,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+COLUMNS = [
+    "dataset", "method", "macs_removed", "seed", "finetune", "explainer_eval",
+    "spearman", "iou10", "deletion_auc_base", "deletion_auc_pruned", "acc",
+    # bootstrap 95 % intervals (over the explained images; ACC over the test set)
+    "spearman_lo", "spearman_hi", "iou10_lo", "iou10_hi", "deletion_auc_pruned_lo", "deletion_auc_pruned_hi",
+    "acc_lo", "acc_hi", "acc_diff_vs_plain", "acc_diff_lo", "acc_diff_hi",
+    # context
+    "macs_target", "weight", "explainer_train", "val_spearman_ig", "val_acc", "acc_pruned_no_ft", "acc_base",
+    "ft_epochs", "n_expl", "ig_steps", "model",
+]  # fmt: skip
+EVAL_EXPLAINERS = ("ig", "lrp")
+DELETION_STEPS = 10
+
+
+def finetune(
+    model: nn.Module,
+    train_xy: tuple[torch.Tensor, torch.Tensor],
+    val_xy: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    batch: int,
+    seed: int,
+    lr: float = 1e-3,
+    consistency: ExplanationConsistencyLoss | None = None,
+    weight: float = 0.0,
+) -> dict[str, Any]:
+    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term.
+
+    Kept beside ``run.train`` rather than inside it so both arms run the very same loop; with ``weight=0`` it
+    is ``run.train(..., include_start=True)`` step for step.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(train_xy[0]) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss()
+    best = metrics(val_xy[1], predict(model, val_xy[0]))
+    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
+    terms: list[float] = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for xb, yb in batches(*train_xy, batch, shuffle=True, gen=gen, augment=True):
+            if len(xb) < 2:
+                continue
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            if consistency is not None and weight > 0:
+                term = consistency(model, xb, yb, student_output=logits)
+                loss = loss + weight * term
+                terms.append(float(term.detach()))
+            loss.backward()
+            opt.step()
+            sched.step()
+        score = metrics(val_xy[1], predict(model, val_xy[0]))
+        if score > best:
+            best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+    model.load_state_dict(best_state)
+    model.eval()
+    return {
+        "best_epoch": best_epoch,
+        "val_acc": best[0],
+        "consistency_first": terms[0] if terms else float("nan"),
+        "consistency_last": float(np.mean(terms[-10:])) if terms else float("nan"),
+    }
+
+
+def explain(
+    model: nn.Module, x: torch.Tensor, sel: torch.Tensor, explainer: str, ig_steps: int
+) -> torch.Tensor:
+    kw = {"n_steps": ig_steps} if explainer == "ig" else {}
+    return attribution_maps(model, x, explainer, selection=sel, **kw).detach().cpu()
+
+
+def deletion_aucs(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, sel: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        deletion, _ = deletion_insertion_curves(model, x, maps, sel, DELETION_STEPS)
+    return curve_auc(deletion).numpy()
+
+
+def bootstrap(values: np.ndarray, stat: Any, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of ``stat`` over ``n_boot`` resamples of ``values`` (rows)."""
+    values = np.asarray(values)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    stats = np.array([stat(values[i]) for i in idx])
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+
+
+def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
+    cfg = DATASETS[name]
+    path = run.DATA_DIR / cfg["file"]
+    if not path.exists():
+        print(f"[skip] {name}: {path} not present")
+        return
+    data = {s: load_split(path, s, args.limit) for s in ("train", "val", "test")}
+    model, info = run.base_model(name, cfg, data, args.cache, epochs=args.epochs)
+    model.eval()
+    ft_epochs = args.ft_epochs if args.ft_epochs is not None else cfg["ft_epochs"]
+    xt, yt = data["test"]
+    yt_np = yt.numpy()
+    p_base = predict(model, xt)
+    acc_base = metrics(yt, p_base)[0]
+    print(
+        f"[base] {name} {model_name(cfg)}: test ACC {acc_base:.4f} (epochs {info.get('epochs')})", flush=True
+    )
+    xe, ye = xt[: args.n_expl], yt[: args.n_expl]
+    sel_e = explained_selection(model, xe, ye, "label")
+    base_maps = {e: explain(model, xe, sel_e, e, args.ig_steps) for e in EVAL_EXPLAINERS}
+    base_del = {e: deletion_aucs(model, xe, base_maps[e], sel_e) for e in EVAL_EXPLAINERS}
+    xv, yv = data["val"][0][: args.n_val], data["val"][1][: args.n_val]
+    sel_v = explained_selection(model, xv, yv, "label")
+    base_val_ig = explain(model, xv, sel_v, "ig", args.ig_steps)
+    x1 = xt[:1]
+    macs_base = count_macs(model, x1)
+    done = {(r["dataset"], r["macs_target"], r["seed"]) for r in read_rows(csv_path)}
+    xtr, ytr = data["train"]
+
+    for ratio in args.ratios:
+        for seed in args.seeds:
+            if (name, f"{ratio:.4f}", str(seed)) in done:
+                print(f"[done] {name} ratio {ratio} seed {seed}")
+                continue
+            g = torch.Generator().manual_seed(1000 + seed)
+            calib = torch.randperm(len(xtr), generator=g)[: args.calib]
+            cal_batches = list(batches(xtr[calib], ytr[calib], 32))
+            pruned = copy.deepcopy(model)
+            rel = channel_relevance(pruned, cal_batches, "lrp", progress=False)
+            prune(pruned, rel, ratio, target="macs", example_inputs=x1)
+            recalibrate_batchnorm(pruned, cal_batches)
+            pruned.eval()
+            macs_removed = 1.0 - count_macs(pruned, x1) / macs_base
+            acc_pr = metrics(yt, predict(pruned, xt))[0]
+            print(
+                f"[pruned] {name} {ratio}: {macs_removed:.3f} of MACs removed, test ACC {acc_pr:.4f}",
+                flush=True,
+            )
+
+            def val_agreement(m: nn.Module) -> float:
+                return agreement_from_maps(base_val_ig, explain(m, xv, sel_v, "ig", args.ig_steps))[
+                    "spearman_median"
+                ]
+
+            arms: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+            plain = copy.deepcopy(pruned)
+            ft = finetune(plain, data["train"], data["val"], ft_epochs, cfg["batch"], seed)
+            ft["val_spearman_ig"] = val_agreement(plain)
+            arms["plain"] = (plain, ft)
+            print(
+                f"  [plain] val ACC {ft['val_acc']:.4f} val IG Spearman {ft['val_spearman_ig']:.4f}",
+                flush=True,
+            )
+            candidates = []
+            for w in args.weights:
+                m = copy.deepcopy(pruned)
+                loss = ExplanationConsistencyLoss(copy.deepcopy(model).eval(), explainer="grad_x_input")
+                ftw = finetune(
+                    m, data["train"], data["val"], ft_epochs, cfg["batch"], seed, consistency=loss, weight=w
+                )
+                ftw["val_spearman_ig"] = val_agreement(m)
+                ftw["weight"] = w
+                print(
+                    f"  [explain w={w}] val ACC {ftw['val_acc']:.4f} val IG Spearman {ftw['val_spearman_ig']:.4f} "
+                    f"consistency {ftw['consistency_first']:.3f} -> {ftw['consistency_last']:.3f}",
+                    flush=True,
+                )
+                candidates.append((m, ftw))
+            ok = [c for c in candidates if c[1]["val_acc"] >= ft["val_acc"] - args.val_acc_tol]
+            pick = max(ok or candidates, key=lambda c: c[1]["val_spearman_ig"] if ok else c[1]["val_acc"])
+            arms["explain"] = pick
+            print(f"  [explain] chose weight {pick[1]['weight']} on validation", flush=True)
+
+            preds = {arm: predict(m, xt) for arm, (m, _) in arms.items()}
+            correct = {arm: ((p >= 0.5).astype(np.int64) == yt_np).astype(float) for arm, p in preds.items()}
+            rows = []
+            for arm, (m, ftinfo) in arms.items():
+                acc = float(correct[arm].mean())
+                acc_lo, acc_hi = bootstrap(correct[arm], np.mean, args.n_boot)
+                if arm == "explain":
+                    diff = correct["explain"] - correct["plain"]
+                    d, (d_lo, d_hi) = float(diff.mean()), bootstrap(diff, np.mean, args.n_boot)
+                else:
+                    d = d_lo = d_hi = ""
+                for e in EVAL_EXPLAINERS:
+                    maps = explain(m, xe, sel_e, e, args.ig_steps)
+                    agree = agreement_from_maps(base_maps[e], maps, 0.1)
+                    sp = np.asarray(agree["per_image"]["spearman"], dtype=float)
+                    iou = np.asarray(agree["per_image"]["top10_iou"], dtype=float)
+                    dl = deletion_aucs(m, xe, maps, sel_e)
+                    rows.append(
+                        {
+                            "dataset": name,
+                            "method": "lrp",
+                            "macs_removed": macs_removed,
+                            "seed": seed,
+                            "finetune": arm,
+                            "explainer_eval": e,
+                            "spearman": agree["spearman_median"],
+                            "iou10": agree["top10_iou_median"],
+                            "deletion_auc_base": float(base_del[e].mean()),
+                            "deletion_auc_pruned": float(dl.mean()),
+                            "acc": acc,
+                            "spearman_lo": bootstrap(sp, np.nanmedian, args.n_boot)[0],
+                            "spearman_hi": bootstrap(sp, np.nanmedian, args.n_boot)[1],
+                            "iou10_lo": bootstrap(iou, np.nanmedian, args.n_boot)[0],
+                            "iou10_hi": bootstrap(iou, np.nanmedian, args.n_boot)[1],
+                            "deletion_auc_pruned_lo": bootstrap(dl, np.mean, args.n_boot)[0],
+                            "deletion_auc_pruned_hi": bootstrap(dl, np.mean, args.n_boot)[1],
+                            "acc_lo": acc_lo,
+                            "acc_hi": acc_hi,
+                            "acc_diff_vs_plain": d,
+                            "acc_diff_lo": d_lo,
+                            "acc_diff_hi": d_hi,
+                            "macs_target": f"{ratio:.4f}",
+                            "weight": ftinfo.get("weight", 0.0),
+                            "explainer_train": "grad_x_input" if arm == "explain" else "",
+                            "val_spearman_ig": ftinfo["val_spearman_ig"],
+                            "val_acc": ftinfo["val_acc"],
+                            "acc_pruned_no_ft": acc_pr,
+                            "acc_base": acc_base,
+                            "ft_epochs": ft_epochs,
+                            "n_expl": len(xe),
+                            "ig_steps": args.ig_steps,
+                            "model": model_name(cfg),
+                        }
+                    )
+                    r = rows[-1]
+                    print(
+                        f"  [{arm} / {e}] Spearman {r['spearman']:.3f} IoU10 {r['iou10']:.3f} deletion AUC "
+                        f"{r['deletion_auc_base']:.3f} -> {r['deletion_auc_pruned']:.3f} ACC {acc:.4f}",
+                        flush=True,
+                    )
+            append_rows(csv_path, rows)
+
+
+VERDICT_MARK = "<!-- verdict: kept when the tables are regenerated -->"
+GOALS = "Spearman >= 0.9, top-10 % IoU >= 0.7, deletion AUC no worse than the unpruned model's, ACC within 0.5 pt of plain"
+
+
+def _f(v: str, digits: int = 3) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return ""
+    return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
+    """``explanations.md``: one table per CSV (its command above it), the goal checks of every ``explain`` row,
+    and the hand-written verdict kept from the existing file (everything after ``VERDICT_MARK``)."""
+    lines = [
+        "# Explanation-preserving fine-tuning (issue #16): plain vs explanation-consistency fine-tune",
+        "",
+        "Generated by `benchmarks/explanations.py --summary` from the CSVs below (module docstring: the protocol).",
+        "LRP-pruned by MACs, BatchNorm re-calibrated, the same fine-tune (run.py's recipe and `ft_epochs`) plain or",
+        "with `weight x` the gradient x input consistency term (weight chosen on validation IG agreement).",
+        "Agreement of pruned vs unpruned maps (median over the first 32 test images) with IG and LRP, neither of",
+        "which the consistency term trains on; deletion AUC: mean, lower = more faithful; ACC on the whole test set.",
+        "Brackets: 95 % bootstrap intervals (images; ACC difference paired over test images).",
+        "",
+        f"Goals of the issue: {GOALS}.",
+    ]
+    goal_rows = []
+    for csv_path, command in zip(csv_paths, commands):
+        rows = read_rows(csv_path)
+        if not rows:
+            continue
+        lines += ["", f"## {csv_path.name}", "", "```", command, "```", ""]
+        lines += [
+            "| dataset | MACs removed | fine-tune | weight | explainer | Spearman | top-10 % IoU | deletion AUC base -> pruned "
+            "| ACC | ACC - plain | val IG Spearman |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            diff = (
+                f"{_f(r['acc_diff_vs_plain'])} [{_f(r['acc_diff_lo'])}, {_f(r['acc_diff_hi'])}]"
+                if r["acc_diff_vs_plain"]
+                else ""
+            )
+            lines.append(
+                f"| {r['dataset']} | {_f(r['macs_removed'], 2)} | {r['finetune']} | {_f(r['weight'], 1)} | "
+                f"{r['explainer_eval']} | {_f(r['spearman'])} [{_f(r['spearman_lo'])}, {_f(r['spearman_hi'])}] | "
+                f"{_f(r['iou10'])} [{_f(r['iou10_lo'])}, {_f(r['iou10_hi'])}] | "
+                f"{_f(r['deletion_auc_base'])} -> {_f(r['deletion_auc_pruned'])} "
+                f"[{_f(r['deletion_auc_pruned_lo'])}, {_f(r['deletion_auc_pruned_hi'])}] | "
+                f"{_f(r['acc'])} [{_f(r['acc_lo'])}, {_f(r['acc_hi'])}] | {diff} | {_f(r['val_spearman_ig'])} |"
+            )
+            if r["finetune"] == "explain":
+                goal_rows.append((csv_path.name, r))
+    if goal_rows:
+        lines += [
+            "",
+            "## Goal checks (explain rows)",
+            "",
+            "| file | dataset | MACs removed | explainer | Spearman >= 0.9 | IoU >= 0.7 | deletion AUC no worse | ACC within 0.5 pt |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in goal_rows:
+            ok = {
+                "sp": float(r["spearman"]) >= 0.9,
+                "iou": float(r["iou10"]) >= 0.7,
+                "del": float(r["deletion_auc_pruned"]) <= float(r["deletion_auc_base"]),
+                "acc": float(r["acc_diff_vs_plain"]) >= -0.005,
+            }
+            lines.append(
+                f"| {name} | {r['dataset']} | {_f(r['macs_removed'], 2)} | {r['explainer_eval']} | "
+                + " | ".join("yes" if v else "no" for v in ok.values())
+                + " |"
+            )
+    verdict = ""
+    if md_path.exists():
+        old = md_path.read_text()
+        if VERDICT_MARK in old:
+            verdict = old.split(VERDICT_MARK, 1)[1].strip()
+    lines += ["", VERDICT_MARK, "", verdict or "## Verdict\n\n(to be written)"]
+    text = "\n".join(lines) + "\n"
+    md_path.write_text(text)
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=["breastmnist"], choices=list(DATASETS))
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7], help="fractions of MACs removed")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument(
+        "--weights", nargs="+", type=float, default=[0.3, 1.0, 3.0], help="consistency weights tried"
+    )
+    p.add_argument(
+        "--val_acc_tol", type=float, default=0.01, help="validation ACC a weight may lose vs plain"
+    )
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--n_expl", type=int, default=32)
+    p.add_argument("--n_val", type=int, default=32)
+    p.add_argument("--ig_steps", type=int, default=16)
+    p.add_argument("--n_boot", type=int, default=1000)
+    p.add_argument(
+        "--epochs", type=int, default=None, help="override the base epochs (a different cache entry)"
+    )
+    p.add_argument("--ft_epochs", type=int, default=None, help="override DATASETS ft_epochs")
+    p.add_argument("--limit", type=int, default=None, help="first N images of each split (smoke runs)")
+    p.add_argument(
+        "--cache", type=Path, default=run.CACHE, help="run.py's base-model cache (read; written if absent)"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS / "explanations.csv")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--summary",
+        nargs="*",
+        metavar="CSV=COMMAND",
+        default=None,
+        help="only write explanations.md from CSV files, each with the command that produced it",
+    )
+    p.add_argument("--md", type=Path, default=RESULTS / "explanations.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summary is not None:
+        pairs = [item.split("=", 1) for item in args.summary]
+        summarize([Path(c) for c, _ in pairs], args.md, [cmd for _, cmd in pairs])
+        print(f"wrote {args.md}")
+        return 0
+    torch.set_num_threads(args.threads)
+    for name in args.datasets:
+        run_dataset(name, args, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+__all__ = ["finetune", "main", "make_model", "summarize"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
