@@ -90,3 +90,16 @@ def test_costs_follow_couplings_and_ignore_layers():
     assert coupled and all(c.in_layers for c in coupled)
     with pytest.raises(KeyError):
         channel_costs(model, x, ignored_layers=["nope"])
+
+
+def test_single_channel_layer_gets_no_cost_and_does_not_crash():
+    """After iterative pruning a layer may keep one channel (BatchNorm of width 1): removing it would empty the layer,
+    so its group is left out instead of counting a width-0 BatchNorm (which raised IndexError)."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU(),
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )  # fmt: skip
+    costs = channel_costs(model.eval(), torch.randn(1, 1, 8, 8), ignored_layers=[model[8]])
+    assert "0" not in costs
+    assert costs["3"].macs > 0

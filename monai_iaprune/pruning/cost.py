@@ -190,7 +190,7 @@ def channel_costs(
                 continue
             n = dg.get_out_channels(root)
             unit = max(1, pruner._get_channel_groups(full))
-            if not n or n % unit:
+            if not n or n % unit or n <= unit:  # one channel (per channel group) left: it cannot go, so no cost
                 continue
             group = dg.get_pruning_group(root, dep.handler, [g * (n // unit) for g in range(unit)])
             costs[names[root]] = _group_saving(pruner, group, calls, names)
