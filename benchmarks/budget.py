@@ -247,6 +247,18 @@ def phase_tables(args: argparse.Namespace) -> None:
 def phase_accuracy(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     csv_path = args.out / "budget.csv"
+    n_before = len(read_rows(csv_path))
+    entry = {"command": args.command, "threads": args.threads, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        _accuracy_rows(args, csv_path)
+    finally:  # an interrupted run is recorded too: its rows are in the CSV
+        entry.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), rows_added=len(read_rows(csv_path)) - n_before)
+        info = args.out / "budget_run_info.json"
+        runs = json.loads(info.read_text()) if info.exists() else []
+        info.write_text(json.dumps(runs + [entry], indent=1))
+
+
+def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     done = {row_key(r) for r in read_rows(csv_path)}
     preds = args.out / "budget_preds"
     models = args.cache / "budget_models"
@@ -749,6 +761,10 @@ def phase_report(args: argparse.Namespace) -> str:
             ("methods", methods),
         )
     )
+    acc_info = args.out / "budget_run_info.json"
+    acc_runs = [r for r in (json.loads(acc_info.read_text()) if acc_info.exists() else []) if r["rows_added"]]
+    if acc_runs:
+        cmd_acc = "`; `".join(dict.fromkeys("OMP_NUM_THREADS=1 " + r["command"] for r in acc_runs))
     lat_info = args.out / "budget_latency_info.json"
     lat_runs = json.loads(lat_info.read_text()) if lat_info.exists() else []
     lat_cmd = (
@@ -757,6 +773,12 @@ def phase_report(args: argparse.Namespace) -> str:
         else "not run yet"
     )
     n_rows = {d: sum(r["dataset"] == d for r in rows) for d in datasets}
+    have = {(r["dataset"], r["method"], r["schedule"]) for r in rows}
+    missing = [
+        f"{d}: " + ", ".join(f"{m} {s}" for m in methods for s in SCHEDULES if (d, m, s) not in have)
+        for d in datasets
+        if any((d, m, s) not in have for m in methods for s in SCHEDULES)
+    ]
     ft = {d: sorted({r["ft_epochs"] for r in rows if r["dataset"] == d}) for d in datasets}
     va, da = verdict_latency(rows, datasets, pr)
     vb, db = verdict_macs(rows, datasets, pr)
@@ -771,7 +793,12 @@ def phase_report(args: argparse.Namespace) -> str:
             f"Rows: `{rel(args.out / 'budget.csv')}` ({', '.join(f'{d} {n}' for d, n in n_rows.items())}), written by "
             f"`{cmd_acc}` (accuracy phase: no timing; fine-tune epochs per dataset: "
             + ", ".join(f"{d} {'/'.join(v)}" for d, v in ft.items())
-            + f"). Measured speed-ups: {lat_cmd}. Tables, plots and verdicts: `{report_cmd}`.",
+            + f"). Measured speed-ups: {lat_cmd}. Tables, plots and verdicts: `{report_cmd}`. "
+            + (
+                "Not run (method schedule): " + "; ".join(missing) + "."
+                if missing
+                else "Every method x schedule ran."
+            ),
             "Each seed prunes its own base model (trained with that seed; calibration subset of "
             f"{rows[0]['calib']} training images chosen by the seed). No ft = right after pruning and BatchNorm "
             "re-estimation; fine-tuned = after the same short fine-tune for every row (best validation epoch, the "
