@@ -704,6 +704,15 @@ def verdict_macs(rows: list[dict], datasets: list[str], pr: Preds) -> tuple[str,
     return "\n".join(lines), data
 
 
+def majority_acc(preds: Path, d: str) -> float:
+    """Test ACC of always predicting the most frequent test label (what a collapsed network scores)."""
+    files = sorted(preds.glob(f"{d}_base_s*.npz"))
+    if not files:
+        return float("nan")
+    y = np.load(files[0])["y"]
+    return float(max(y.mean(), 1 - y.mean()))
+
+
 def plot(rows: list[dict], datasets: list[str], methods: list[str], out: Path) -> list[str]:
     import matplotlib
 
@@ -718,6 +727,9 @@ def plot(rows: list[dict], datasets: list[str], methods: list[str], out: Path) -
         for ax, (stage, col) in zip(axes, (("no fine-tune", "acc_pruned"), ("fine-tuned", "acc_finetuned"))):
             base = _mean([r for r in rows if r["dataset"] == d], "acc_base")
             ax.axhline(base, color="k", lw=0.8, ls=":", label="unpruned")
+            ax.axhline(
+                majority_acc(out / "budget_preds", d), color="grey", lw=0.8, ls="-.", label="majority class"
+            )
             for i, m in enumerate(methods):
                 for s, ls, mk in (("oneshot", "-", "o"), ("iterative", "--", "^")):
                     pts = []
@@ -807,7 +819,10 @@ def phase_report(args: argparse.Namespace) -> str:
             '`prune(target="macs")` (cost-aware); latency budgets `prune(target="latency")` with the base model\'s '
             "per-layer CPU latency table at batch 1 (speed-up est. = table estimate; speed-up measured = eager "
             "batch-1 median, pruned vs unpruned interleaved in one process). 95 % CIs: bootstrap over test images "
-            f"({args.n_boot} resamples, seeds averaged inside each resample).",
+            f"({args.n_boot} resamples, seeds averaged inside each resample). Majority-class test ACC (a network "
+            "that predicts one class): "
+            + ", ".join(f"{d} {majority_acc(args.out / 'budget_preds', d):.3f}" for d in datasets)
+            + ".",
             "### Verdicts\n\n" + va + "\n\n" + vb,
             f"### Equal MACs\n\nCommand: `{report_cmd}` (rows from `{cmd_acc}`)\n\n"
             + equal_budget_table(rows, "macs", pr, datasets, methods),
