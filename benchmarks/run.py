@@ -289,19 +289,32 @@ def train(
     }
 
 
+def base_model_path(
+    name: str, cfg: dict[str, Any], n_train: int, cache: Path, epochs: int, seed: int = 0
+) -> Path:
+    """Cache file of a base model; seed 0 keeps the name it always had (existing caches stay valid)."""
+    suffix = "" if seed == 0 else f"_s{seed}"
+    return cache / f"{name}_{model_name(cfg)}_e{epochs}_n{n_train}{suffix}.pt"
+
+
 def base_model(
-    name: str, cfg: dict[str, Any], data: dict[str, tuple], cache: Path, epochs: int | None = None
+    name: str,
+    cfg: dict[str, Any],
+    data: dict[str, tuple],
+    cache: Path,
+    epochs: int | None = None,
+    seed: int = 0,
 ) -> tuple[nn.Module, dict]:
-    """The unpruned model, trained with seed 0 (cached: reruns load it)."""
+    """The unpruned model, initialised and trained with ``seed`` (default 0; cached: reruns load it)."""
     ep = cfg["epochs"] if epochs is None else epochs
-    path = cache / f"{name}_{model_name(cfg)}_e{ep}_n{len(data['train'][0])}.pt"
-    torch.manual_seed(0)
+    path = base_model_path(name, cfg, len(data["train"][0]), cache, ep, seed)
+    torch.manual_seed(seed)
     model = make_model(cfg["dims"], cfg["widths"], cfg.get("stem_stride", 2)).to(DEVICE)
     if path.exists():
         blob = torch.load(path, map_location=DEVICE, weights_only=True)
         model.load_state_dict(blob["state"])
         return model, blob["info"]
-    info = train(model, data["train"], data["val"], ep, cfg["batch"], seed=0)
+    info = train(model, data["train"], data["val"], ep, cfg["batch"], seed=seed)
     info["epochs"] = ep
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "info": info}, path)

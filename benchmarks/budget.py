@@ -1,0 +1,912 @@
+"""Budgeted pruning benchmark on MedMNIST (issue #17): equal MACs and equal CPU latency, one-shot vs iterative.
+
+Every row prunes a copy of one seed's own base model (``run.py``'s MONAI ResNet-18 narrow, trained with that seed)
+to a budget, re-estimates BatchNorm on the calibration subset (chosen by the seed), and records validation / test
+ACC and AUC with no fine-tune, then after the same short fine-tune for every row (``run.train(include_start=True)``).
+
+Budgets: ``macs`` = fraction of MACs removed (``prune(target="macs")``, cost-aware); ``latency`` = requested CPU
+speed-up at batch 1 (``prune(target="latency")`` with the per-layer latency table of the base model, measured by
+the ``tables`` phase). Schedules: ``oneshot`` (``prune_step``) and ``iterative`` (``prune_iteratively``, K steps,
+relevance re-scored and BatchNorm re-estimated after each).
+
+Phases (``--phase``):
+
+* ``tables``   (quiet machine) measure and cache each base model's per-layer latency table (batch 1, ``--threads``)
+                 under ``CACHE/budget_tables/``.
+* ``accuracy`` (no timing; safe beside other jobs) all rows; latency rows are skipped with a message while no table
+                 is cached. Saves each pruned model (``save_pruned``) under ``CACHE/budget_models/`` and the test
+                 predictions under ``OUT/budget_preds/`` (for the bootstrap intervals).
+* ``latency``  (quiet machine) times every saved pruned model against its base, batch 1, ``--threads``, median of
+                 ``--repeats`` interleaved calls, eager and after ``optimize_for_inference``; fills
+                 ``speedup_measured`` / ``speedup_optimized``.
+* ``report``   tables, one-shot vs iterative, accuracy-vs-measured-speed-up plot per dataset and the issue's two
+                 verdicts into ``OUT/budget.md`` (and ``OUT/budget_verdicts.json``).
+
+Usage (from the repository root)::
+
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --phase accuracy --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --phase tables --threads 1        # quiet machine
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --phase accuracy --seeds 0 --schedules oneshot iterative
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --phase latency --threads 1       # quiet machine
+    python benchmarks/budget.py --phase report
+
+Rows already in budget.csv are skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import run  # noqa: E402
+from run import (  # noqa: E402
+    ALL_METHODS,
+    ATTRIBUTION,
+    CACHE,
+    DATASETS,
+    DEFAULT_DATASETS,
+    RESULTS,
+    base_model,
+    batches,
+    latency_pair,
+    load_split,
+    make_model,
+    metrics,
+    model_name,
+    predict,
+    train,
+)
+
+from monai_iaprune.pruning import (  # noqa: E402
+    LatencyTable,
+    count_macs,
+    count_params,
+    load_pruned,
+    measure_latency_table,
+    optimize_for_inference,
+    prune_iteratively,
+    prune_step,
+    save_pruned,
+)
+from monai_iaprune.pruning.latency_table import LayerLatency  # noqa: E402
+from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded  # noqa: E402
+
+MACS_BUDGETS = (0.5, 0.7, 0.85, 0.9)
+SPEEDUPS = (2.0, 3.0)
+SCHEDULES = ("oneshot", "iterative")
+REFERENCE = ("taylor", "magnitude", "random")
+STEPS = 3
+
+COLUMNS = [
+    "dataset", "model", "method", "schedule", "budget_kind", "budget", "seed",
+    "acc_base", "acc_pruned", "acc_finetuned", "macs_ratio", "speedup_measured",
+    "val_acc_pruned", "val_acc_finetuned", "val_acc_base",
+    "auc_base", "auc_pruned", "auc_finetuned", "val_auc_pruned",
+    "params_ratio", "macs_removed", "cost_aware", "steps", "speedup_estimated", "speedup_optimized",
+    "latency_base_ms", "latency_pruned_ms", "latency_base_opt_ms", "latency_pruned_opt_ms", "latency_threads",
+    "prune_time_s", "finetune_time_s", "calib", "ft_epochs", "base_epochs", "normalizer", "model_file",
+]  # fmt: skip
+LATENCY_COLUMNS = [
+    "speedup_measured", "speedup_optimized", "latency_base_ms", "latency_pruned_ms",
+    "latency_base_opt_ms", "latency_pruned_opt_ms", "latency_threads",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f, restval=""))
+    for r in rows:
+        r.pop(None, None)
+        for k in COLUMNS:
+            r.setdefault(k, "")
+    return rows
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the whole CSV atomically (the latency phase fills columns in place)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+            w.writeheader()
+            w.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt(v) for k, v in row.items()})
+
+
+def row_key(r: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        r["dataset"], r["method"], r["schedule"], r["budget_kind"], f"{float(r['budget']):.2f}", str(r["seed"])
+    )  # fmt: skip
+
+
+def tag(d: str, method: str, schedule: str, kind: str, budget: float, seed: int | str) -> str:
+    return f"{d}_{method}_{schedule}_{kind}{float(budget):.2f}_s{seed}"
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------------------- shared
+
+
+def dataset_path(name: str) -> Path:
+    return run.DATA_DIR / DATASETS[name]["file"]
+
+
+def load_data(name: str, limit: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {s: load_split(dataset_path(name), s, limit) for s in ("train", "val", "test")}
+
+
+def table_path(cache: Path, name: str, threads: int) -> Path:
+    return cache / "budget_tables" / f"{name}_{model_name(DATASETS[name])}_threads{threads}.json"
+
+
+def save_table(table: LatencyTable, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "device": table.device,
+        "overhead": table.overhead,
+        "layers": {n: asdict(t) for n, t in table.layers.items()},
+    }
+    path.write_text(json.dumps(blob))
+
+
+def load_table(path: Path) -> LatencyTable | None:
+    if not path.exists():
+        return None
+    blob = json.loads(path.read_text())
+    return LatencyTable(
+        {n: LayerLatency(**t) for n, t in blob["layers"].items()}, blob["overhead"], blob["device"]
+    )
+
+
+def example_input(cfg: dict[str, Any]) -> torch.Tensor:
+    return torch.zeros(1, 1, *([28] * cfg["dims"]))
+
+
+def fresh_model(cfg: dict[str, Any]) -> nn.Module:
+    return make_model(cfg["dims"], cfg["widths"], cfg.get("stem_stride", 2))
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def phase_tables(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    for name in args.datasets:
+        cfg = DATASETS[name]
+        path = table_path(args.cache, name, args.threads)
+        if path.exists() and not args.force:
+            print(f"[table] {name}: cached {path}")
+            continue
+        # the table depends on the architecture and input size only (layers are rebuilt with random weights)
+        model = fresh_model(cfg).eval()
+        t = time.perf_counter()
+        table = measure_latency_table(
+            model, example_input(cfg), device="cpu", threads=args.threads, repeats=args.repeats,
+            cache_dir=args.cache / "latency_table_raw", progress=False,
+        )  # fmt: skip
+        save_table(table, path)
+        est = table.estimate_model(model)
+        print(
+            f"[table] {name}: {len(table.layers)} layers, estimated {1000 * est:.2f} ms at batch 1, "
+            f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f}, {time.perf_counter() - t:.0f}s -> {path}",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------------------------------- accuracy
+
+
+def phase_accuracy(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    csv_path = args.out / "budget.csv"
+    n_before = len(read_rows(csv_path))
+    entry = {"command": args.command, "threads": args.threads, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        _accuracy_rows(args, csv_path)
+    finally:  # an interrupted run is recorded too: its rows are in the CSV
+        entry.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), rows_added=len(read_rows(csv_path)) - n_before)
+        info = args.out / "budget_run_info.json"
+        runs = json.loads(info.read_text()) if info.exists() else []
+        info.write_text(json.dumps(runs + [entry], indent=1))
+
+
+def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
+    done = {row_key(r) for r in read_rows(csv_path)}
+    preds = args.out / "budget_preds"
+    models = args.cache / "budget_models"
+    preds.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    for name in args.datasets:
+        path = dataset_path(name)
+        if not path.exists():
+            print(f"[skip] {name}: {path} not present")
+            continue
+        cfg = DATASETS[name]
+        data = load_data(name, args.limit)
+        x1 = example_input(cfg)
+        table = load_table(table_path(args.cache, name, args.threads))
+        budgets = [("macs", b) for b in args.macs_budgets]
+        if args.speedups:
+            if table is None:
+                print(
+                    f"[skip] {name}: latency rows (speed-ups {args.speedups}) need the latency table "
+                    f"{table_path(args.cache, name, args.threads)}; run --phase tables --threads {args.threads} "
+                    "on a quiet machine first"
+                )
+            else:
+                budgets += [("latency", s) for s in args.speedups]
+        ft_epochs = args.ft_epochs if args.ft_epochs is not None else cfg["ft_epochs"]
+        xtr, ytr = data["train"]
+        for seed in args.seeds:
+            todo = [
+                (meth, sch, kind, b)
+                for meth in args.methods
+                for sch in args.schedules
+                for kind, b in budgets
+                if (name, meth, sch, kind, f"{b:.2f}", str(seed)) not in done
+            ]
+            if not todo:
+                continue
+            model, info = base_model(name, cfg, data, args.cache, epochs=args.epochs, seed=seed)
+            model.eval()
+            p_base, pv_base = predict(model, data["test"][0]), predict(model, data["val"][0])
+            acc_base, auc_base = metrics(data["test"][1], p_base)
+            val_acc_base = metrics(data["val"][1], pv_base)[0]
+            np.savez(
+                preds / f"{name}_base_s{seed}.npz", p=p_base.astype(np.float32), y=data["test"][1].numpy()
+            )
+            print(
+                f"[base] {name} s{seed}: test ACC {acc_base:.4f} AUC {auc_base:.4f} val ACC {val_acc_base:.4f} ({info})",
+                flush=True,
+            )
+            macs_base, params_base = count_macs(model, x1), count_params(model)
+            g = torch.Generator().manual_seed(1000 + seed)  # as run.py: the calibration subset is the seed's
+            calib = torch.randperm(len(xtr), generator=g)[: args.calib]
+            cal = list(batches(xtr[calib], ytr[calib], 32))
+            for meth, sch, kind, b in todo:
+                if meth not in METHODS:
+                    print(f"[skip] method {meth!r} not available (have {sorted(METHODS)})")
+                    continue
+                m = copy.deepcopy(model)
+                rel_kw = {"seed": seed} if meth == "random" else {}
+                target_kw: dict[str, Any] = (
+                    {"target": "macs"} if kind == "macs"
+                    else {"target": "latency", "latency_table": table, "threads": args.threads}
+                )  # fmt: skip
+                t = time.perf_counter()
+                try:
+                    if sch == "oneshot":
+                        if kind == "macs":
+                            res = [
+                                prune_step(
+                                    m, cal, meth, b, relevance_kwargs=rel_kw, example_inputs=x1, **target_kw
+                                )
+                            ]
+                        else:
+                            res = [
+                                prune_step(
+                                    m,
+                                    cal,
+                                    meth,
+                                    0.5,
+                                    speedup=b,
+                                    relevance_kwargs=rel_kw,
+                                    example_inputs=x1,
+                                    **target_kw,
+                                )
+                            ]
+                    else:
+                        res = prune_iteratively(
+                            m, cal, meth, b if kind == "macs" else 0.5, steps=args.steps,
+                            speedup=b if kind == "latency" else None, relevance_kwargs=rel_kw,
+                            example_inputs=x1, progress=False, **target_kw,
+                        )  # fmt: skip
+                except (ValueError, FloatingPointError) as e:
+                    print(f"[fail] {name} {meth} {sch} {kind} {b}: {type(e).__name__}: {e}", flush=True)
+                    continue
+                t_prune = time.perf_counter() - t
+                macs = count_macs(m, x1)
+                est = None
+                if table is not None:
+                    est = table.estimate_model(model) / table.estimate_model(m)
+                p_pr, pv_pr = predict(m, data["test"][0]), predict(m, data["val"][0])
+                acc_pr, auc_pr = metrics(data["test"][1], p_pr)
+                vacc_pr, vauc_pr = metrics(data["val"][1], pv_pr)
+                t = time.perf_counter()
+                train(m, data["train"], data["val"], ft_epochs, cfg["batch"], seed=seed, include_start=True)
+                t_ft = time.perf_counter() - t
+                p_ft, pv_ft = predict(m, data["test"][0]), predict(m, data["val"][0])
+                acc_ft, auc_ft = metrics(data["test"][1], p_ft)
+                vacc_ft = metrics(data["val"][1], pv_ft)[0]
+                key = tag(name, meth, sch, kind, b, seed)
+                np.savez(
+                    preds / f"{key}.npz", pruned=p_pr.astype(np.float32), finetuned=p_ft.astype(np.float32)
+                )
+                mfile = models / f"{key}.pt"
+                save_pruned(m, mfile, {"dataset": name, "method": meth, "schedule": sch, "budget_kind": kind,
+                                       "budget": float(b), "seed": seed}, overwrite=True)  # fmt: skip
+                row = {
+                    "dataset": name, "model": model_name(cfg), "method": meth, "schedule": sch,
+                    "budget_kind": kind, "budget": float(b), "seed": seed,
+                    "acc_base": acc_base, "acc_pruned": acc_pr, "acc_finetuned": acc_ft,
+                    "macs_ratio": macs / macs_base, "speedup_measured": "",
+                    "val_acc_pruned": vacc_pr, "val_acc_finetuned": vacc_ft, "val_acc_base": val_acc_base,
+                    "auc_base": auc_base, "auc_pruned": auc_pr, "auc_finetuned": auc_ft, "val_auc_pruned": vauc_pr,
+                    "params_ratio": count_params(m) / params_base, "macs_removed": 1 - macs / macs_base,
+                    "cost_aware": all(r.cost_aware for r in res), "steps": len(res),
+                    "speedup_estimated": "" if est is None else est,
+                    "prune_time_s": t_prune, "finetune_time_s": t_ft, "calib": args.calib, "ft_epochs": ft_epochs,
+                    "base_epochs": info.get("epochs", ""), "normalizer": "auto",
+                    "model_file": str(mfile.relative_to(args.cache)),
+                }  # fmt: skip
+                append_row(csv_path, row)
+                done.add(row_key(row))
+                print(
+                    f"[row] {name} {meth:9s} {sch:9s} {kind} {b:.2f} s{seed}: MACs removed {row['macs_removed']:.3f} "
+                    f"params x{row['params_ratio']:.3f} steps {len(res)} | ACC {acc_base:.3f} -> {acc_pr:.3f} (val {vacc_pr:.3f}) "
+                    f"-> ft {acc_ft:.3f} | prune {t_prune:.0f}s ft {t_ft:.0f}s",
+                    flush=True,
+                )
+
+
+# -------------------------------------------------------------------------------------------- latency
+
+
+def phase_latency(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    csv_path = args.out / "budget.csv"
+    rows = read_rows(csv_path)
+    print(f"[latency] {len(rows)} rows, {args.threads} thread(s), load {os.getloadavg()}", flush=True)
+    for r in rows:
+        if r["dataset"] not in args.datasets or (r["speedup_measured"] and not args.force):
+            continue
+        cfg = DATASETS[r["dataset"]]
+        mfile = args.cache / r["model_file"]
+        if not r["model_file"] or not mfile.exists():
+            print(f"[skip] {row_key(r)}: no saved model {mfile}")
+            continue
+        x1 = example_input(cfg)
+        # the base's weights do not change its latency; the same architecture with fresh weights is timed
+        base = fresh_model(cfg).eval()
+        pruned = load_pruned(mfile, fresh_model(cfg)).eval()
+        tb, tp = latency_pair(base, pruned, x1, repeats=args.repeats)
+        r.update(
+            latency_base_ms=tb, latency_pruned_ms=tp, speedup_measured=tb / tp, latency_threads=args.threads
+        )
+        if args.optimized:
+            with torch.no_grad():
+                ob = optimize_for_inference(
+                    copy.deepcopy(base), example_inputs=x1, kernels="auto", backend="jit"
+                )
+                op = optimize_for_inference(
+                    copy.deepcopy(pruned), example_inputs=x1, kernels="auto", backend="jit"
+                )
+            tob, top = latency_pair(ob, op, x1, repeats=args.repeats)
+            r.update(latency_base_opt_ms=tob, latency_pruned_opt_ms=top, speedup_optimized=tob / top)
+        print(
+            f"[latency] {' '.join(row_key(r))}: {tb:.2f} -> {tp:.2f} ms (x{tb / tp:.2f})"
+            + (f", optimized x{r['speedup_optimized']:.2f}" if args.optimized else ""),
+            flush=True,
+        )
+        write_rows(csv_path, rows)  # row by row: an interrupted run keeps what it measured
+    info = args.out / "budget_latency_info.json"
+    runs = json.loads(info.read_text()) if info.exists() else []
+    runs.append({"command": args.command, "threads": args.threads, "repeats": args.repeats,
+                 "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_end": os.getloadavg()})  # fmt: skip
+    info.write_text(json.dumps(runs, indent=1))
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _boot_ci(correct: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
+    """95 % percentile interval of the seed-mean ACC, resampling test images. ``correct``: [seeds, images]."""
+    per_image = correct.mean(0)
+    means = per_image[idx].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+class Preds:
+    def __init__(self, folder: Path, n_boot: int):
+        self.folder, self.n_boot, self._idx = folder, n_boot, {}
+
+    def correct(self, rows: list[dict], stage: str) -> np.ndarray | None:
+        """[seeds, images] 0/1 of the rows' test predictions (``stage`` pruned / finetuned); None if any is missing."""
+        out = []
+        for r in rows:
+            f = (
+                self.folder
+                / f"{tag(r['dataset'], r['method'], r['schedule'], r['budget_kind'], r['budget'], r['seed'])}.npz"
+            )
+            b = self.folder / f"{r['dataset']}_base_s{r['seed']}.npz"
+            if not f.exists() or not b.exists():
+                return None
+            y = np.load(b)["y"]
+            out.append(((np.load(f)[stage] >= 0.5).astype(np.int64) == y).astype(np.float64))
+        return np.stack(out) if out else None
+
+    def idx(self, n: int) -> np.ndarray:
+        if n not in self._idx:
+            self._idx[n] = np.random.default_rng(0).integers(0, n, size=(self.n_boot, n))
+        return self._idx[n]
+
+    def ci(self, rows: list[dict], stage: str) -> str:
+        c = self.correct(rows, stage)
+        if c is None:
+            return ""
+        lo, hi = _boot_ci(c, self.idx(c.shape[1]))
+        return f" [{lo:.3f}, {hi:.3f}]"
+
+    def diff_ci(self, a: list[dict], b: list[dict], stage: str) -> str:
+        ca, cb = self.correct(a, stage), self.correct(b, stage)
+        if ca is None or cb is None:
+            return ""
+        idx = self.idx(ca.shape[1])
+        d = ca.mean(0)[idx].mean(1) - cb.mean(0)[idx].mean(1)
+        return f" [{100 * np.percentile(d, 2.5):+.1f}, {100 * np.percentile(d, 97.5):+.1f}]"
+
+
+def _mean(rows: list[dict], k: str) -> float:
+    v = [_float(r[k]) for r in rows]
+    v = [x for x in v if math.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _cell(v: float, fmt: str = ".3f") -> str:
+    return "-" if not math.isfinite(v) else format(v, fmt)
+
+
+def _group(rows: list[dict]) -> dict[tuple, list[dict]]:
+    g: dict[tuple, list[dict]] = {}
+    for r in rows:
+        g.setdefault(
+            (r["dataset"], r["budget_kind"], f"{float(r['budget']):.2f}", r["method"], r["schedule"]), []
+        ).append(r)
+    return g
+
+
+def _budget_label(kind: str, b: str) -> str:
+    return f"{float(b):.0%} MACs" if kind == "macs" else f"{float(b):g}x CPU"
+
+
+def equal_budget_table(
+    rows: list[dict], kind: str, pr: Preds, datasets: list[str], methods: list[str]
+) -> str:
+    g = _group(rows)
+    lines = [
+        "| dataset | budget | method | schedule | seeds | MACs removed | params kept | speed-up est. | speed-up measured | "
+        "ACC base | ACC no ft [95% CI] | AUC no ft | ACC fine-tuned [95% CI] | AUC fine-tuned | val ACC no ft |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    n = 0
+    for d in datasets:
+        budgets = sorted({k[2] for k in g if k[0] == d and k[1] == kind}, key=float)
+        for b in budgets:
+            for m in methods:
+                for s in SCHEDULES:
+                    sel = g.get((d, kind, b, m, s))
+                    if not sel:
+                        continue
+                    n += 1
+                    lines.append(
+                        f"| {d} | {_budget_label(kind, b)} | {m} | {s} | {len(sel)} | {_cell(_mean(sel, 'macs_removed'))}"
+                        f"{' (!)' if kind == 'macs' and abs(_mean(sel, 'macs_removed') - float(b)) > 0.01 else ''} | "
+                        f"{_cell(_mean(sel, 'params_ratio'))} | {_cell(_mean(sel, 'speedup_estimated'), '.2f')} | "
+                        f"{_cell(_mean(sel, 'speedup_measured'), '.2f')} | {_cell(_mean(sel, 'acc_base'))} | "
+                        f"{_cell(_mean(sel, 'acc_pruned'))}{pr.ci(sel, 'pruned')} | {_cell(_mean(sel, 'auc_pruned'))} | "
+                        f"{_cell(_mean(sel, 'acc_finetuned'))}{pr.ci(sel, 'finetuned')} | {_cell(_mean(sel, 'auc_finetuned'))} | "
+                        f"{_cell(_mean(sel, 'val_acc_pruned'))} |"
+                    )
+    note = (
+        "\n\n(!) = reached MACs removal more than 1 pt off the requested budget (cost-aware pruning never stops "
+        "short, but one channel of a narrow early layer can cost several pt of MACs, most of all in 3D after earlier "
+        "iterative steps): not an equal-MACs comparison."
+        if kind == "macs"
+        else ""
+    )
+    return "\n".join(lines) + note if n else "(no rows yet)"
+
+
+def schedule_table(rows: list[dict], pr: Preds, datasets: list[str], methods: list[str]) -> str:
+    g = _group(rows)
+    lines = [
+        "| dataset | budget | method | ACC no ft one-shot | iterative | diff [95% CI] | ACC fine-tuned one-shot | iterative | diff [95% CI] | MACs removed one-shot / iterative |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    n = 0
+    for d in datasets:
+        for kind in ("macs", "latency"):
+            for b in sorted({k[2] for k in g if k[0] == d and k[1] == kind}, key=float):
+                for m in methods:
+                    a, it = g.get((d, kind, b, m, "oneshot")), g.get((d, kind, b, m, "iterative"))
+                    if not a or not it:
+                        continue
+                    seeds = sorted({r["seed"] for r in a} & {r["seed"] for r in it})
+                    a = [r for r in a if r["seed"] in seeds]
+                    it = [r for r in it if r["seed"] in seeds]
+                    n += 1
+                    cells = []
+                    for stage, col in (("pruned", "acc_pruned"), ("finetuned", "acc_finetuned")):
+                        va, vi = _mean(a, col), _mean(it, col)
+                        cells.append(
+                            f"{va:.3f} | {vi:.3f} | {100 * (vi - va):+.1f}{pr.diff_ci(it, a, stage)}"
+                        )
+                    lines.append(
+                        f"| {d} | {_budget_label(kind, b)} | {m} | {cells[0]} | {cells[1]} | "
+                        f"{_mean(a, 'macs_removed'):.3f} / {_mean(it, 'macs_removed'):.3f} |"
+                    )
+    return "\n".join(lines) if n else "(no method has both schedules yet)"
+
+
+def _choose_config(rows: list[dict], kind: str, budgets: list[str], val_col: str) -> tuple[str, str] | None:
+    """The attribution (method, schedule) with the best mean validation ACC over all datasets, budgets and seeds
+    (one configuration for all datasets; test ACC never enters the choice). Needs rows on every dataset present."""
+    datasets = sorted({r["dataset"] for r in rows})
+    best = None
+    for m in ATTRIBUTION:
+        for s in SCHEDULES:
+            per_d = []
+            for d in datasets:
+                sel = [r for r in rows if r["dataset"] == d and r["method"] == m and r["schedule"] == s
+                       and r["budget_kind"] == kind and f"{float(r['budget']):.2f}" in budgets]  # fmt: skip
+                if not sel:
+                    break
+                per_d.append(_mean(sel, val_col))
+            else:
+                if per_d:
+                    score = float(np.mean(per_d))
+                    if best is None or score > best[0]:
+                        best = (score, m, s)
+    return None if best is None else (best[1], best[2])
+
+
+def verdict_latency(rows: list[dict], datasets: list[str], pr: Preds) -> tuple[str, dict]:
+    budgets = ["2.00", "3.00"]
+    lat = [r for r in rows if r["budget_kind"] == "latency" and f"{float(r['budget']):.2f}" in budgets]
+    head = (
+        "**(a) Equal latency, no fine-tune** (BatchNorm re-estimated): the best attribution configuration "
+        "(method x schedule among lrp / ig / dlb, ONE for all datasets, chosen on mean validation ACC over datasets, "
+        "2x and 3x and seeds; test ACC never enters the choice) against the best reference among taylor / magnitude / "
+        "random, either schedule, picked per dataset and budget on TEST ACC (the strictest comparison). Goal: >= +3 pt "
+        "test ACC at both 2x and 3x on >= 2 of 3 datasets, and never more than 1 pt below any reference configuration."
+    )
+    cfg = _choose_config(lat, "latency", budgets, "val_acc_pruned")
+    if cfg is None:
+        return (
+            head + "\n\nNot evaluable: no latency rows yet (they need the latency tables: `--phase tables`).",
+            {"evaluable": False},
+        )
+    lines = [head, "", f"Chosen on validation: **{cfg[0]} {cfg[1]}**.", "",
+             "| dataset | speed-up | attribution ACC | best reference | ref. ACC | diff [95% CI] | worst diff vs any reference | measured speed-up attr. / ref. |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    g = _group(lat)
+    data: dict[str, Any] = {"config": list(cfg), "datasets": {}}
+    gains, never_below, evaluable = 0, True, True
+    for d in datasets:
+        ok_d = True
+        for b in budgets:
+            a = g.get((d, "latency", b, cfg[0], cfg[1]))
+            refs = {
+                (m, s): g[(d, "latency", b, m, s)]
+                for m in REFERENCE
+                for s in SCHEDULES
+                if (d, "latency", b, m, s) in g
+            }
+            if not a or not refs:
+                lines.append(f"| {d} | {float(b):g}x | not run | | | | | |")
+                ok_d, evaluable = False, False
+                continue
+            acc = _mean(a, "acc_pruned")
+            (rm, rs), rsel = max(refs.items(), key=lambda kv: _mean(kv[1], "acc_pruned"))
+            racc = _mean(rsel, "acc_pruned")
+            worst = min(acc - _mean(v, "acc_pruned") for v in refs.values())
+            never_below &= worst >= -0.01
+            ok_d &= acc - racc >= 0.03
+            data["datasets"].setdefault(d, {})[b] = {"acc": acc, "reference": f"{rm} {rs}", "acc_reference": racc,
+                                                     "diff": acc - racc, "worst_diff": worst}  # fmt: skip
+            lines.append(
+                f"| {d} | {float(b):g}x | {acc:.3f} | {rm} {rs} | {racc:.3f} | {100 * (acc - racc):+.1f}"
+                f"{pr.diff_ci(a, rsel, 'pruned')} | {100 * worst:+.1f} | {_cell(_mean(a, 'speedup_measured'), '.2f')} / "
+                f"{_cell(_mean(rsel, 'speedup_measured'), '.2f')} |"
+            )
+        gains += ok_d
+    goal = [d for d in datasets if d in DEFAULT_DATASETS]
+    met = evaluable and len(goal) == 3 and gains >= 2 and never_below
+    data.update(datasets_with_3pt=gains, never_more_than_1pt_below=never_below, met=met, evaluable=evaluable)
+    lines += ["", f"Datasets with >= +3 pt at both speed-ups: {gains} of {len(datasets)}; never > 1 pt below any "
+              f"reference: {'yes' if never_below else 'no'}. **Goal (a) {'met' if met else 'not met'}**"
+              + ("" if evaluable and len(goal) == 3 else " (incomplete: not every dataset / budget has rows)") + "."]  # fmt: skip
+    return "\n".join(lines), data
+
+
+def verdict_macs(rows: list[dict], datasets: list[str], pr: Preds) -> tuple[str, dict]:
+    budgets = ["0.85", "0.90"]
+    mr = [r for r in rows if r["budget_kind"] == "macs" and f"{float(r['budget']):.2f}" in budgets]
+    head = (
+        "**(b) Equal MACs, after fine-tune**: the best attribution configuration (lrp / ig / dlb x schedule, ONE for "
+        "all datasets, chosen on mean validation ACC after fine-tune at 85 % and 90 % MACs removed) must lose <= 0.5 pt "
+        "mean test ACC (mean over seeds) against its own base models at >= 85 % of MACs removed on all three datasets."
+    )
+    cfg = _choose_config(mr, "macs", budgets, "val_acc_finetuned")
+    if cfg is None:
+        return head + "\n\nNot evaluable: no attribution rows at 85 / 90 % MACs removed yet.", {
+            "evaluable": False
+        }
+    lines = [head, "", f"Chosen on validation: **{cfg[0]} {cfg[1]}**.", "",
+             "| dataset | MACs removed (requested / reached) | seeds | ACC base | ACC fine-tuned [95% CI] | drop (pt) | <= 0.5 pt |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    g = _group(mr)
+    data: dict[str, Any] = {"config": list(cfg), "datasets": {}}
+    ok_all, evaluable = True, True
+    for d in datasets:
+        ok_d = False
+        for b in budgets:
+            a = g.get((d, "macs", b, cfg[0], cfg[1]))
+            if not a:
+                lines.append(f"| {d} | {float(b):.0%} | not run | | | | |")
+                continue
+            drop = _mean(a, "acc_base") - _mean(a, "acc_finetuned")
+            ok = drop <= 0.005
+            ok_d |= ok
+            data["datasets"].setdefault(d, {})[b] = {"drop": drop, "ok": ok, "seeds": len(a)}
+            lines.append(
+                f"| {d} | {float(b):.0%} / {_mean(a, 'macs_removed'):.3f} | {len(a)} | {_mean(a, 'acc_base'):.3f} | "
+                f"{_mean(a, 'acc_finetuned'):.3f}{pr.ci(a, 'finetuned')} | {100 * drop:+.1f} | {'yes' if ok else 'no'} |"
+            )
+        if d not in data["datasets"]:
+            evaluable = False
+        ok_all &= ok_d
+    goal = [d for d in DEFAULT_DATASETS if d in datasets]
+    met = evaluable and len(goal) == 3 and ok_all
+    data.update(met=met, evaluable=evaluable)
+    lines += ["", f"**Goal (b) {'met' if met else 'not met'}**"
+              + ("" if evaluable and len(goal) == 3 else " (incomplete: not every dataset has rows)") + "."]  # fmt: skip
+    return "\n".join(lines), data
+
+
+def majority_acc(preds: Path, d: str) -> float:
+    """Test ACC of always predicting the most frequent test label (what a collapsed network scores)."""
+    files = sorted(preds.glob(f"{d}_base_s*.npz"))
+    if not files:
+        return float("nan")
+    y = np.load(files[0])["y"]
+    return float(max(y.mean(), 1 - y.mean()))
+
+
+def plot(rows: list[dict], datasets: list[str], methods: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    g = _group(rows)
+    for d in datasets:
+        measured = any(_float(r["speedup_measured"]) > 0 for r in rows if r["dataset"] == d)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, (stage, col) in zip(axes, (("no fine-tune", "acc_pruned"), ("fine-tuned", "acc_finetuned"))):
+            base = _mean([r for r in rows if r["dataset"] == d], "acc_base")
+            ax.axhline(base, color="k", lw=0.8, ls=":", label="unpruned")
+            ax.axhline(
+                majority_acc(out / "budget_preds", d), color="grey", lw=0.8, ls="-.", label="majority class"
+            )
+            for i, m in enumerate(methods):
+                for s, ls, mk in (("oneshot", "-", "o"), ("iterative", "--", "^")):
+                    pts = []
+                    for (dd, _kind, _b, mm, ss), sel in g.items():
+                        if dd != d or mm != m or ss != s:
+                            continue
+                        x = _mean(sel, "speedup_measured") if measured else 1 / _mean(sel, "macs_ratio")
+                        if math.isfinite(x):
+                            pts.append((x, _mean(sel, col)))
+                    if pts:
+                        pts.sort()
+                        ax.plot(*zip(*pts), ls, marker=mk, ms=4, color=f"C{i}", label=f"{m} {s}")
+            ax.set_xlabel(
+                "measured CPU speed-up (batch 1)" if measured else "MACs speed-up (latency not measured yet)"
+            )
+            ax.set_ylabel("test ACC")
+            ax.set_title(f"{d}: {stage}")
+        axes[1].legend(fontsize=6, loc="lower left", ncol=2)
+        fig.tight_layout()
+        f = out / f"budget_{d}.png"
+        fig.savefig(f, dpi=90)
+        plt.close(fig)
+        files.append(f.name)
+    return files
+
+
+def phase_report(args: argparse.Namespace) -> str:
+    rows = read_rows(args.out / "budget.csv")
+    if not rows:
+        print("no rows")
+        return "no rows"
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
+    pr = Preds(args.out / "budget_preds", args.n_boot)
+    rel = lambda p: p.relative_to(HERE.parent) if p.resolve().is_relative_to(HERE.parent) else p  # noqa: E731
+    cmd_acc = "OMP_NUM_THREADS=1 python benchmarks/budget.py --phase accuracy " + " ".join(
+        f"--{k.replace('_', '-')} " + " ".join(map(str, v))
+        for k, v in (
+            ("seeds", sorted({int(r["seed"]) for r in rows})),
+            ("datasets", datasets),
+            ("methods", methods),
+        )
+    )
+    acc_info = args.out / "budget_run_info.json"
+    acc_runs = [r for r in (json.loads(acc_info.read_text()) if acc_info.exists() else []) if r["rows_added"]]
+    if acc_runs:
+        cmd_acc = "`; `".join(dict.fromkeys("OMP_NUM_THREADS=1 " + r["command"] for r in acc_runs))
+    lat_info = args.out / "budget_latency_info.json"
+    lat_runs = json.loads(lat_info.read_text()) if lat_info.exists() else []
+    lat_cmd = (
+        f"`{lat_runs[-1]['command']}` ({lat_runs[-1]['threads']} thread(s), load average at end {lat_runs[-1]['load_end'][0]:.1f})"
+        if lat_runs
+        else "not run yet"
+    )
+    n_rows = {d: sum(r["dataset"] == d for r in rows) for d in datasets}
+    have = {(r["dataset"], r["method"], r["schedule"]) for r in rows}
+    missing = [
+        f"{d}: " + ", ".join(f"{m} {s}" for m in methods for s in SCHEDULES if (d, m, s) not in have)
+        for d in datasets
+        if any((d, m, s) not in have for m in methods for s in SCHEDULES)
+    ]
+    ft = {d: sorted({r["ft_epochs"] for r in rows if r["dataset"] == d}) for d in datasets}
+    va, da = verdict_latency(rows, datasets, pr)
+    vb, db = verdict_macs(rows, datasets, pr)
+    files = plot(rows, datasets, methods, args.out)
+    (args.out / "budget_verdicts.json").write_text(
+        json.dumps({"a_equal_latency": da, "b_equal_macs": db}, indent=1)
+    )
+    report_cmd = f"python benchmarks/budget.py --phase report --out {rel(args.out)}"
+    md = "\n\n".join(
+        [
+            "## Budgeted pruning: equal MACs and equal CPU latency, one-shot vs iterative (MedMNIST, issue #17)",
+            f"Rows: `{rel(args.out / 'budget.csv')}` ({', '.join(f'{d} {n}' for d, n in n_rows.items())}), written by "
+            f"`{cmd_acc}` (accuracy phase: no timing; fine-tune epochs per dataset: "
+            + ", ".join(f"{d} {'/'.join(v)}" for d, v in ft.items())
+            + f"). Measured speed-ups: {lat_cmd}. Tables, plots and verdicts: `{report_cmd}`. "
+            + (
+                "Not run (method schedule): " + "; ".join(missing) + "."
+                if missing
+                else "Every method x schedule ran."
+            ),
+            "Each seed prunes its own base model (trained with that seed; calibration subset of "
+            f"{rows[0]['calib']} training images chosen by the seed). No ft = right after pruning and BatchNorm "
+            "re-estimation; fine-tuned = after the same short fine-tune for every row (best validation epoch, the "
+            "pruned weights included). `oneshot` = one relevance pass; `iterative` = "
+            f"{STEPS} steps, relevance re-scored and BatchNorm re-estimated after each. MACs budgets use "
+            '`prune(target="macs")` (cost-aware); latency budgets `prune(target="latency")` with the base model\'s '
+            "per-layer CPU latency table at batch 1 (speed-up est. = table estimate; speed-up measured = eager "
+            "batch-1 median, pruned vs unpruned interleaved in one process). 95 % CIs: bootstrap over test images "
+            f"({args.n_boot} resamples, seeds averaged inside each resample). Majority-class test ACC (a network "
+            "that predicts one class): "
+            + ", ".join(f"{d} {majority_acc(args.out / 'budget_preds', d):.3f}" for d in datasets)
+            + ".",
+            "### Verdicts\n\n" + va + "\n\n" + vb,
+            f"### Equal MACs\n\nCommand: `{report_cmd}` (rows from `{cmd_acc}`)\n\n"
+            + equal_budget_table(rows, "macs", pr, datasets, methods),
+            f"### Equal latency (requested CPU speed-up)\n\nCommand: `{report_cmd}` (rows from `{cmd_acc}` after "
+            "`--phase tables`)\n\n" + equal_budget_table(rows, "latency", pr, datasets, methods),
+            f"### One-shot vs iterative ({STEPS} steps)\n\nCommand: `{report_cmd}`. diff = iterative - one-shot, "
+            "test ACC points, seeds both schedules have.\n\n" + schedule_table(rows, pr, datasets, methods),
+            "Plots (test ACC vs measured speed-up, or vs MACs speed-up until the latency phase ran): "
+            + ", ".join(f"`benchmarks/results/{f}`" for f in files)
+            + ".",
+        ]
+    )
+    (args.out / "budget.md").write_text(md + "\n")
+    print(md)
+    return md
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=("tables", "accuracy", "latency", "report"), default="accuracy")
+    p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, choices=list(DATASETS))
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    p.add_argument("--steps", type=int, default=STEPS, help="iterative schedule: re-scored steps")
+    p.add_argument(
+        "--macs-budgets", nargs="*", type=float, default=list(MACS_BUDGETS), help="fractions of MACs removed"
+    )
+    p.add_argument(
+        "--speedups", nargs="*", type=float, default=list(SPEEDUPS), help="requested CPU speed-ups (batch 1)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="override the base training epochs (smoke tests)")
+    p.add_argument("--ft-epochs", type=int, default=None, help="override DATASETS[name]['ft_epochs']")
+    p.add_argument("--calib", type=int, default=256, help="calibration images for relevance and BatchNorm")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads: latency tables, pruning for latency, timing"
+    )
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (tables, latency)")
+    p.add_argument("--no-optimized", dest="optimized", action="store_false",
+                   help="latency phase: skip the optimize_for_inference(kernels='auto', backend='jit') timing")  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true", help="tables / latency: measure again what is already there"
+    )
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument(
+        "--limit", type=int, default=None, help="use only the first N images of each split (smoke test)"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--cache", type=Path, default=None, help="default benchmarks/cache, or OUT/cache for another --out"
+    )
+    args = p.parse_args(argv)
+    if args.cache is None:
+        args.cache = CACHE if args.out.resolve() == RESULTS.resolve() else args.out / "cache"
+    args.command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _ensure_methods_loaded()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.phase == "tables":
+        phase_tables(args)
+    elif args.phase == "accuracy":
+        phase_accuracy(args)
+    elif args.phase == "latency":
+        phase_latency(args)
+    else:
+        phase_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
