@@ -257,3 +257,18 @@ def test_wrong_architecture_checkpoint_and_no_overwrite(tmp_path):
     # the training run refuses to replace models/model.pt
     (b / "models" / "model.pt").write_bytes(b"keep me too")
     _expect_error(b, r"refusing to overwrite .*model\.pt", configs=("train.json",), run_id="train")
+
+
+def test_class_folder_with_more_classes_than_num_classes_stops_before_training(tmp_path):
+    """Issue #13: a 3-class folder with num_classes 2 stopped mid-epoch (IndexError in the loss)."""
+    from PIL import Image
+
+    root = tmp_path / "folders"
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(root / split / c / f"{i}.png")
+    b = _copy(tmp_path, "classification_2d")
+    _expect_error(b, r"--num_classes 3", dataset_dir=str(root))
+    assert not (b / "models").exists()  # nothing trained

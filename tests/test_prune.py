@@ -229,3 +229,21 @@ def test_default_layer_cap_keeps_a_tenth_of_every_layer():
     looser = net()
     prune(looser, rel(looser), 0.9, normalizer=None, max_layer_ratio=0.95)
     assert looser[0].out_channels == 1
+
+
+def test_frozen_network_is_pruned_and_stays_frozen():
+    """Issue #13: with every parameter frozen torch-pruning traced no autograd graph and pruned nothing (or
+    reported an unreachable ratio); a frozen layer ahead of trainable ones was silently left whole."""
+    from monai.networks.nets import DenseNet
+
+    net = DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(1, 1), bn_size=2)
+    net.features.conv0.requires_grad_(False)  # a frozen stem: no grad_fn reaches it
+    for p in net.class_layers.parameters():
+        p.requires_grad_(False)
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    x = torch.randn(1, 1, 16, 16)
+    rel = channel_relevance(net, None, "magnitude", progress=False)
+    result = prune(net, rel, 0.5, example_inputs=x)
+    assert result.params_after < 0.55 * result.params_before
+    assert net.features.conv0.out_channels < 8  # the frozen stem was pruned too
+    assert {n for n, p in net.named_parameters() if not p.requires_grad} == frozen  # flags restored

@@ -375,6 +375,30 @@ def prune(
             raise FloatingPointError(f"NaN/Inf relevance for layer {name!r}: refusing to prune on it")
     was_training = model.training
     model.eval()
+    # torch-pruning traces the autograd graph: layers of frozen parameters (requires_grad=False) before any trainable
+    # one leave no grad_fn and would silently stay unpruned; trace with every parameter trainable, restore after
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    model.requires_grad_(True)
+    try:
+        return _prune_traced(
+            model, relevance, ratio, target, speedup, example_inputs, ignored_layers, pruner_kwargs,
+            global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, tolerance, cost_aware,
+            latency_table, latency_device, threads,
+        )  # fmt: skip
+    finally:
+        params = dict(model.named_parameters())
+        for n in frozen:
+            if n in params:
+                params[n].requires_grad_(False)
+        model.train(was_training)
+
+
+def _prune_traced(
+    model, relevance, ratio, target, speedup, example_inputs, ignored_layers, pruner_kwargs,
+    global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, tolerance, cost_aware,
+    latency_table, latency_device, threads,
+) -> PruneResult:  # fmt: skip
+    """``prune`` after its argument checks, with every parameter trainable and the model in eval mode."""
     modules = dict(model.named_modules())
     ignored: list[nn.Module] = []
     for item in ignored_layers or []:
@@ -446,7 +470,6 @@ def prune(
         latency_after = measure_latency(
             copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
         )
-    model.train(was_training)
     channels_after = _layer_channels(model)
     emptied = [n for n, c in channels_after.items() if c == 0]
     if emptied:
