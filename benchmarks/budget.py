@@ -88,7 +88,7 @@ from monai_iaprune.pruning import (  # noqa: E402
     save_pruned,
 )
 from monai_iaprune.pruning.latency_table import LayerLatency  # noqa: E402
-from monai_iaprune.relevance.collect import METHODS, _ensure_methods_loaded  # noqa: E402
+from monai_iaprune.relevance import METHODS  # noqa: E402
 
 MACS_BUDGETS = (0.5, 0.7, 0.85, 0.9)
 SPEEDUPS = (2.0, 3.0)
@@ -894,7 +894,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _ensure_methods_loaded()
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.phase == "tables":
