@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.transforms import MapTransform
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -551,6 +552,31 @@ def segmentation_datalist(
     return items[:max_samples] if max_samples else items
 
 
+class CheckSameSpatialShaped(MapTransform):
+    """Refuse a sample whose label has another spatial shape than its image, naming both files.
+
+    Put it right after ``EnsureChannelFirstd``: later resampling (``Spacingd``) would otherwise bring a label of
+    another grid to the image's shape silently and the network would train on misaligned masks.
+
+    Args:
+        keys: the image key first, then the label key(s).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label")) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        shapes = {k: tuple(d[k].shape[1:]) for k in self.keys if k in d}
+        if len(set(shapes.values())) > 1:
+            files = {k: str(getattr(d[k], "meta", {}).get("filename_or_obj", "?")) for k in shapes}
+            raise ValueError(
+                f"image and label of one sample have different spatial shapes {shapes} (files {files}); "
+                "resample the label to its image's grid first"
+            )
+        return d
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """Return ``value`` when it is one of ``choices``, else raise a ValueError naming the setting."""
     if value not in choices:
@@ -559,6 +585,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 __all__ = [
+    "CheckSameSpatialShaped",
     "check_choice",
     "check_num_classes",
     "classification_datalist",

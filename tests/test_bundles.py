@@ -272,3 +272,23 @@ def test_class_folder_with_more_classes_than_num_classes_stops_before_training(t
     b = _copy(tmp_path, "classification_2d")
     _expect_error(b, r"--num_classes 3", dataset_dir=str(root))
     assert not (b / "models").exists()  # nothing trained
+
+
+def test_segmentation_label_of_another_grid_is_refused_naming_the_file(tmp_path):
+    """Issue #13: a label of another spatial size than its image was resampled and trained on with no warning."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(2):
+        img, lab = tmp_path / f"img{i}.nii.gz", tmp_path / f"lab{i}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), np.eye(4)), img)
+        shape = (20, 20, 20) if i == 0 else (16, 20, 20)  # the second label is on another grid
+        nib.save(nib.Nifti1Image((rng.random(shape) > 0.5).astype(np.uint8), np.eye(4)), lab)
+        items.append({"image": str(img), "label": str(lab)})
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items, "validation": items}))
+    b = _copy(tmp_path, "segmentation_3d")
+    _expect_error(b, r"different spatial shapes.*lab1\.nii\.gz", dataset_dir=str(dl), method="taylor")
+    assert not (b / "models").exists()
