@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402
-from run import DATASETS, batches, load_split, make_model, metrics, model_name, predict  # noqa: E402
+from run import DATASETS, batches, load_split, make_model, metrics, model_name, predict, train  # noqa: E402
 
 from monai_iaprune import channel_relevance, prune, recalibrate_batchnorm  # noqa: E402
 from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss  # noqa: E402
@@ -81,43 +81,21 @@ def finetune(
     consistency: ExplanationConsistencyLoss | None = None,
     weight: float = 0.0,
 ) -> dict[str, Any]:
-    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term.
-
-    Kept beside ``run.train`` rather than inside it so both arms run the very same loop; with ``weight=0`` it
-    is ``run.train(..., include_start=True)`` step for step.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(train_xy[0]) / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss()
-    best = metrics(val_xy[1], predict(model, val_xy[0]))
-    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
+    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term."""
     terms: list[float] = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        for xb, yb in batches(*train_xy, batch, shuffle=True, gen=gen, augment=True):
-            if len(xb) < 2:
-                continue
-            opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            if consistency is not None and weight > 0:
-                term = consistency(model, xb, yb, student_output=logits)
-                loss = loss + weight * term
-                terms.append(float(term.detach()))
-            loss.backward()
-            opt.step()
-            sched.step()
-        score = metrics(val_xy[1], predict(model, val_xy[0]))
-        if score > best:
-            best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-    model.load_state_dict(best_state)
+
+    def term(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        t = consistency(m, xb, yb, student_output=logits)
+        terms.append(float(t.detach()))
+        return weight * t
+
+    use = consistency is not None and weight > 0
+    info = train(model, train_xy, val_xy, epochs, batch, seed, lr=lr, include_start=True,
+                 extra_loss=term if use else None)  # fmt: skip
     model.eval()
     return {
-        "best_epoch": best_epoch,
-        "val_acc": best[0],
+        "best_epoch": info["best_epoch"],
+        "val_acc": info["val_acc"],
         "consistency_first": terms[0] if terms else float("nan"),
         "consistency_last": float(np.mean(terms[-10:])) if terms else float("nan"),
     }

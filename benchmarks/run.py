@@ -28,7 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,7 @@ def train(
     teacher: nn.Module | None = None,
     kd_alpha: float = 0.0,
     kd_temperature: float = 4.0,
+    extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """AdamW + cosine schedule with flips; keep the weights of the best validation (ACC, then AUC) epoch.
 
@@ -238,6 +239,8 @@ def train(
         teacher: with ``kd_alpha > 0``, distil from this (unpruned) model: the loss is
             ``(1 - kd_alpha) * CE + kd_alpha * T^2 * KL(teacher_T || student_T)`` on the same augmented batch
             (Hinton et al. 2015, temperature ``kd_temperature``).
+        extra_loss: ``(model, images, labels, logits) -> term`` added to the loss of every batch (e.g. the
+            explanation-consistency term of ``benchmarks/explanations.py``).
 
     Returns:
         ``{"best_epoch", "val_acc", "val_auc", "time_s"}``; ``model`` holds the best weights.
@@ -273,6 +276,8 @@ def train(
                     torch.log_softmax(logits / kd_temperature, 1), soft, reduction="batchmean"
                 )
                 loss = (1 - kd_alpha) * loss + kd_alpha * kd_temperature**2 * kl
+            if extra_loss is not None:
+                loss = loss + extra_loss(model, xb, yb, logits)
             loss.backward()
             opt.step()
             sched.step()
