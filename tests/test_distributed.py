@@ -98,7 +98,8 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _prune_run(rank: int, mode: str) -> dict:
-    """Train 1 epoch under DDP, prune at its end (relevance from ``mode``: "data" or "collector"), train 1 more."""
+    """Train 1 epoch under DDP, prune at its end, train 1 more. ``mode``: relevance from the handler's "data", from
+    a "collector" on the evaluator, or "depth": whole blocks first (``depth_ratio``, block relevance on the data)."""
     from ignite.engine import Events
     from ignite.metrics import Accuracy
     from monai.data import DistributedSampler
@@ -132,9 +133,10 @@ def _prune_run(rank: int, mode: str) -> dict:
         ratio=0.5,
         stages=1,
         prune_epochs=[1],
-        data=loader(_items(N_CALIB, 1), even=False) if mode == "data" else None,
+        data=loader(_items(N_CALIB, 1), even=False) if mode in ("data", "depth") else None,
         collector=collector,
         evaluator=evaluator,
+        depth_ratio=0.3 if mode == "depth" else 0.0,
     )
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
@@ -173,6 +175,7 @@ def _prune_run(rank: int, mode: str) -> dict:
     rec["relevance"] = dict(handler.last_relevance)
     rec["num_samples"] = handler.last_relevance.num_samples
     rec["metric_pruned"] = handler.history[0]["metric_pruned"]
+    rec["removed_blocks"] = [b["name"] for b in handler.history[0].get("removed_blocks") or []]
     return rec
 
 
@@ -218,7 +221,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out = {mode: _prune_run(rank, mode) for mode in ("data", "collector")}
+        out = {mode: _prune_run(rank, mode) for mode in ("data", "collector", "depth")}
         out["mismatch"] = _mismatch_error(rank)
         out["rewrap"] = _rewrap_settings()
         # a data-free criterion that differs per rank: every rank must end up with rank 0's scores
@@ -268,7 +271,7 @@ def test_handler_relevance_equals_single_process_over_union(ddp_runs, mode, item
     assert any(not torch.allclose(shard[n], single[n], rtol=1e-3) for n in single)
 
 
-@pytest.mark.parametrize("mode", ["data", "collector"])
+@pytest.mark.parametrize("mode", ["data", "collector", "depth"])
 def test_ranks_identical_after_pruning_and_after_a_ddp_step(ddp_runs, mode):
     r0, r1 = (r[mode] for r in ddp_runs)
     pre_params = sum(v.numel() for k, v in r0["pre"].items() if "running" not in k)
@@ -288,6 +291,27 @@ def test_ranks_identical_after_pruning_and_after_a_ddp_step(ddp_runs, mode):
     for r in (r0, r1):
         assert r["rewrapped"] and r["ddp_holds_new_params"] and r["optimizer_holds_new_params"]
         assert r["metric_pruned"] is not None and 0.0 <= r["metric_pruned"] <= 1.0
+
+
+def test_depth_pruning_removes_the_blocks_one_process_removes_over_the_union(ddp_runs):
+    from monai_iaprune.pruning.depth import prune_depth
+    from monai_iaprune.relevance.blocks import block_relevance
+
+    r0, r1 = (r["depth"] for r in ddp_runs)
+    assert r0["removed_blocks"] and r0["removed_blocks"] == r1["removed_blocks"]
+    net = _tiny_resnet()
+    net.load_state_dict(r0["pre"])
+    items = _items(N_CALIB, 1)
+    x = torch.stack([i["image"] for i in items])
+    y = torch.tensor([i["label"] for i in items])
+    batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(items), BATCH)]
+    scores = block_relevance(net, batches, "taylor")
+    single = prune_depth(net, scores, 0.3, example_inputs=x[:1])
+    assert r0["removed_blocks"] == single.removed
+    # the oracle is not trivially met: rank 0's shard alone orders the blocks differently
+    shard = [(x[i : i + 1], y[i : i + 1]) for i in _shard_indices(N_CALIB, 0)]
+    shard_scores = block_relevance(net, shard, "taylor")
+    assert any(abs(shard_scores[b] - scores[b]) > 1e-6 * abs(scores[b]) for b in scores)
 
 
 def test_batchnorm_statistics_averaged_like_one_process(ddp_runs):
