@@ -437,11 +437,10 @@ def prune_host_bundle(
             "the host trainer, evaluator and host_network must share one network object (as model-zoo bundles do "
             "with @network); point --host_network at the network both use"
         )
-    if world_size() > 1 and (consistency is not None or min_agreement is not None):
+    if world_size() > 1 and min_agreement is not None:
         raise ValueError(
-            "explain_weight > 0 and min_agreement are not supported under torch.distributed yet (the consistency "
-            "term bypasses DDP's gradient all-reduce; each rank would measure agreement on its own shard): run "
-            "single-process, or use min_agreement once single-process and pass the chosen --ratio"
+            "min_agreement is not supported under torch.distributed yet (each rank would measure agreement on its "
+            "own shard): run it once single-process and pass the chosen --ratio"
         )
     if min_agreement is not None:
         for name, value, ok in (

@@ -131,13 +131,12 @@ def test_segmentation_bundle_explain_weight(tmp_path):
     assert "figures_error" not in report, report.get("figures_error")
 
 
-def test_bundle_refuses_explain_settings_under_distributed(tmp_path, monkeypatch):
+def test_bundle_refuses_min_agreement_under_distributed(tmp_path, monkeypatch):
     import monai_iaprune.host_bundle as host_bundle
 
     monkeypatch.setattr(host_bundle, "world_size", lambda: 2)
     b = _copy(tmp_path, "classification_2d")
-    _expect_error(b, r"not supported under torch.distributed", explain_weight=0.5)
-    _expect_error(b, r"not supported under torch.distributed", min_agreement=0.5)
+    _expect_error(b, r"min_agreement is not supported under torch.distributed", min_agreement=0.5)
 
 
 def test_min_agreement_refuses_budgets_it_cannot_measure(tmp_path):

@@ -64,9 +64,9 @@ class ExplanationConsistencyHandler:
     Note:
         The extra pass is a forward and a double backward of the student (``grad_x_input``), about 2-3x a
         training step's cost, plus a forward and backward of the teacher. Under ``DistributedDataParallel`` the
-        explanation pass would bypass the wrapper's gradient all-reduce and ranks would drift apart: the handler
-        raises rather than train that way. The teacher is not part of ``state_dict``; after resuming past
-        ``teacher_epoch`` pass ``teacher`` explicitly.
+        explanation pass runs on the wrapped module and its gradients are all-reduced with the task loss's in
+        the trainer's backward (each rank's term is the mean over its own shard, as the task loss is). The
+        teacher is not part of ``state_dict``; after resuming past ``teacher_epoch`` pass ``teacher`` explicitly.
     """
 
     def __init__(
@@ -168,13 +168,13 @@ class ExplanationConsistencyHandler:
                 f"no teacher at epoch {engine.state.epoch}: the copy is taken at the start of epoch "
                 f"{self.teacher_epoch} (resumed later?); pass teacher= explicitly"
             )
-        if isinstance(engine.network, DistributedDataParallel):
-            raise NotImplementedError(
-                "ExplanationConsistencyHandler does not support DistributedDataParallel yet: its gradients would "
-                "not be all-reduced"
-            )
+        student = engine.network
+        if isinstance(student, (DataParallel, DistributedDataParallel)):
+            # the maps pass runs on the wrapped module: its parameter gradients join the task loss's in the
+            # trainer's one backward, where DDP's reducer all-reduces their sum (a second DDP forward would not)
+            student = student.module
         out = engine.state.output
-        term = self.loss(engine.network, out[Keys.IMAGE], out[Keys.LABEL], student_output=out.get(Keys.PRED))
+        term = self.loss(student, out[Keys.IMAGE], out[Keys.LABEL], student_output=out.get(Keys.PRED))
         out[Keys.LOSS] = out[Keys.LOSS] + self.weight * term
         value = float(term.detach())
         out["explanation_consistency"] = value
