@@ -166,6 +166,23 @@ def test_agreement_from_maps_summary_is_median_and_iqr():
     assert r["n_images"] == 5 and len(r["per_image"]["top10_iou"]) == 5 and len(r["per_image"]["ssim"]) == 5
     with pytest.raises(ValueError, match="differ in shape"):
         agreement_from_maps(a, b[:, :8])
+    lo, hi = r["spearman_ci"]
+    assert min(per) <= lo <= r["spearman_median"] <= hi <= max(per)
+
+
+def test_bootstrap_ci_matches_a_direct_resampling_and_narrows_with_more_images():
+    from monai_iaprune.report.explanations import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(0.5, 0.2, 40)
+    lo, hi = bootstrap_ci(v, np.mean, n_boot=500, seed=3)
+    r = np.random.default_rng(3)  # the oracle: the same resampling written out
+    means = [v[r.integers(0, 40, 40)].mean() for _ in range(500)]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    wide = bootstrap_ci(v[:10], np.mean, n_boot=500)
+    assert hi - lo < wide[1] - wide[0]
+    assert bootstrap_ci([0.3], np.median) == (0.3, 0.3)
+    assert all(np.isnan(bootstrap_ci([float("nan")])))
 
 
 # --------------------------------------------------------------------------------------------- agreement

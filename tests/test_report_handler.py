@@ -112,6 +112,8 @@ def test_report_has_explanations_figures_and_metrics(tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 1000, f
     assert "## Figures" in md and "## Explanations" in md
     assert f"| Spearman rank correlation | {report['expl_spearman']:.3g} |" in md
+    lo, hi = report["expl_spearman_ci"]  # bootstrap interval of the median over the 8 images
+    assert lo <= report["expl_spearman"] <= hi and f"[{lo:.3g}, {hi:.3g}]" in md
     # the heatmaps went to TensorBoard too (MONAI tags 2D images "..._HW_0"): image + both models, 2 images
     assert sorted(t.rsplit("_HW", 1)[0] for t in writer.tags) == sorted(
         f"explanations/{i}/{n}" for i in range(2) for n in ("image", "unpruned", "pruned")

@@ -247,6 +247,23 @@ def _summary(values: Sequence[float]) -> tuple[float, float]:
     return float(q50), float(q75 - q25)
 
 
+def bootstrap_ci(
+    values: Sequence[float], stat: Any = np.median, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` over the finite ``values`` (images resampled with replacement).
+
+    Returns ``(nan, nan)`` when there is no finite value; a single value gives a zero-width interval.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    stats = np.asarray([stat(v[rng.integers(0, v.size, v.size)]) for _ in range(n_boot)])
+    lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
 def agreement_from_maps(
     maps_a: torch.Tensor, maps_b: torch.Tensor, top_fraction: float = 0.1
 ) -> dict[str, Any]:
@@ -257,8 +274,9 @@ def agreement_from_maps(
         top_fraction: share of voxels in the top-``|attribution|`` IoU (key ``top{percent}_iou``).
 
     Returns:
-        ``{spearman_median, spearman_iqr, top10_iou_median, top10_iou_iqr, ssim_median, ssim_iqr,
-        n_images, per_image: {spearman: [...], top10_iou: [...], ssim: [...]}}``.
+        ``{spearman_median, spearman_iqr, spearman_ci, top10_iou_median, ..., ssim_ci, n_images,
+        per_image: {spearman: [...], top10_iou: [...], ssim: [...]}}``; ``*_ci``: 95 % bootstrap interval of
+        the median over images.
     """
     if maps_a.shape != maps_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(maps_a.shape)} vs {tuple(maps_b.shape)}")
@@ -273,6 +291,7 @@ def agreement_from_maps(
     out: dict[str, Any] = {}
     for k, v in per_image.items():
         out[f"{k}_median"], out[f"{k}_iqr"] = _summary(v)
+        out[f"{k}_ci"] = list(bootstrap_ci(v))
     out["n_images"] = int(maps_a.shape[0])
     out["per_image"] = per_image
     return out
@@ -574,9 +593,9 @@ def explanation_report(
         map_kwargs: passed to ``attribution_maps`` (``composite``, ``internal_batch_size``, ``ig_baseline``).
 
     Returns:
-        ``{expl_spearman, expl_top10_iou, expl_ssim (medians), expl_spearman_iqr, expl_top10_iou_iqr,
-        expl_ssim_iqr, deletion_auc_base, deletion_auc_pruned, insertion_auc_base, insertion_auc_pruned,
-        n_images, pngs: [paths]}``.
+        ``{expl_spearman, expl_top10_iou, expl_ssim (medians), expl_*_iqr, expl_*_ci (95 % bootstrap
+        intervals of the medians over images), deletion_auc_base, deletion_auc_pruned (means; ``*_ci``:
+        bootstrap intervals), insertion_auc_base, insertion_auc_pruned, n_images, pngs: [paths]}``.
     """
     from monai_iaprune.report.plots import (
         log_heatmaps_to_tensorboard,
@@ -600,6 +619,7 @@ def explanation_report(
             d, i = deletion_insertion_curves(model, x, maps, sel, steps, baseline)
         faith[key] = {
             "deletion_auc": float(curve_auc(d).mean()),
+            "deletion_auc_ci": list(bootstrap_ci(curve_auc(d).tolist(), np.mean)),
             "insertion_auc": float(curve_auc(i).mean()),
             "fractions": torch.linspace(0.0, 1.0, steps + 1).tolist(),
             "deletion_curve": d.mean(0).tolist(),
@@ -618,12 +638,17 @@ def explanation_report(
     return {
         "expl_spearman": agree["spearman_median"],
         "expl_spearman_iqr": agree["spearman_iqr"],
+        "expl_spearman_ci": agree["spearman_ci"],
         "expl_top10_iou": agree["top10_iou_median"],
         "expl_top10_iou_iqr": agree["top10_iou_iqr"],
+        "expl_top10_iou_ci": agree["top10_iou_ci"],
         "expl_ssim": agree["ssim_median"],
         "expl_ssim_iqr": agree["ssim_iqr"],
+        "expl_ssim_ci": agree["ssim_ci"],
         "deletion_auc_base": faith["base"]["deletion_auc"],
+        "deletion_auc_base_ci": faith["base"]["deletion_auc_ci"],
         "deletion_auc_pruned": faith["pruned"]["deletion_auc"],
+        "deletion_auc_pruned_ci": faith["pruned"]["deletion_auc_ci"],
         "insertion_auc_base": faith["base"]["insertion_auc"],
         "insertion_auc_pruned": faith["pruned"]["insertion_auc"],
         "n_images": agree["n_images"],
@@ -633,6 +658,7 @@ def explanation_report(
 
 __all__ = [
     "agreement_from_maps",
+    "bootstrap_ci",
     "attribution_maps",
     "curve_auc",
     "deletion_insertion_curves",

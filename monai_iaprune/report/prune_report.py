@@ -267,6 +267,13 @@ def _budget_lines(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _ci(v: Any) -> str:
+    """``[lo, hi]`` of a bootstrap interval, or "" when there is none."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        return ""
+    return f"[{_fmt(v[0], 3)}, {_fmt(v[1], 3)}]"
+
+
 def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
     """The "Explanations" section: agreement and faithfulness of the unpruned vs the pruned network's maps."""
     if "expl_spearman" not in r:
@@ -281,13 +288,14 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
         f"Input attribution maps ({method or 'n/a'}"
         + (f", {settings['n_steps']} steps" if code == "ig" and "n_steps" in settings else "")
         + f") of the unpruned and the final pruned network on {r.get('n_images', '?')} held-out image(s), "
-        "both explaining the same target (the label, or the unpruned network's prediction). Agreement per image, median (IQR):",
+        "both explaining the same target (the label, or the unpruned network's prediction). Agreement per image, "
+        "median, IQR and 95 % bootstrap interval of the median over images:",
         "",
-        "| agreement | median | IQR |",
-        "|---|---|---|",
-        f"| Spearman rank correlation | {_fmt(r.get('expl_spearman'), 3)} | {_fmt(r.get('expl_spearman_iqr'), 3)} |",
-        f"| IoU of the top 10 % voxels | {_fmt(r.get('expl_top10_iou'), 3)} | {_fmt(r.get('expl_top10_iou_iqr'), 3)} |",
-        f"| SSIM | {_fmt(r.get('expl_ssim'), 3)} | {_fmt(r.get('expl_ssim_iqr'), 3)} |",
+        "| agreement | median | IQR | 95 % CI |",
+        "|---|---|---|---|",
+        f"| Spearman rank correlation | {_fmt(r.get('expl_spearman'), 3)} | {_fmt(r.get('expl_spearman_iqr'), 3)} | {_ci(r.get('expl_spearman_ci'))} |",
+        f"| IoU of the top 10 % voxels | {_fmt(r.get('expl_top10_iou'), 3)} | {_fmt(r.get('expl_top10_iou_iqr'), 3)} | {_ci(r.get('expl_top10_iou_ci'))} |",
+        f"| SSIM | {_fmt(r.get('expl_ssim'), 3)} | {_fmt(r.get('expl_ssim_iqr'), 3)} | {_ci(r.get('expl_ssim_ci'))} |",
         "",
         "Faithfulness (class probability while the most relevant pixels are deleted / inserted"
         + (f", {settings['steps']} steps" if "steps" in settings else "")
@@ -295,7 +303,8 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
         "",
         "| AUC | unpruned | pruned |",
         "|---|---|---|",
-        f"| deletion | {_fmt(r.get('deletion_auc_base'), 3)} | {_fmt(r.get('deletion_auc_pruned'), 3)} |",
+        f"| deletion | {_fmt(r.get('deletion_auc_base'), 3)} {_ci(r.get('deletion_auc_base_ci'))} | "
+        f"{_fmt(r.get('deletion_auc_pruned'), 3)} {_ci(r.get('deletion_auc_pruned_ci'))} |",
         f"| insertion | {_fmt(r.get('insertion_auc_base'), 3)} | {_fmt(r.get('insertion_auc_pruned'), 3)} |",
     ]
     if r.get("min_agreement") is not None:
