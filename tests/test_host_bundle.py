@@ -83,18 +83,30 @@ def _evaluator() -> dict:
     }
 
 
-def write_segmentation_bundle(root: Path, cases: int = 5, size: int = 32, roi: int = 16) -> Path:
-    """A spleen_ct_segmentation-like bundle: 3D UNet, NIfTI phantoms, RandCropByPosNegLabeld, sliding window."""
+def write_segmentation_bundle(
+    root: Path,
+    cases: int = 5,
+    size: int = 32,
+    roi: int = 16,
+    network_def: dict | None = None,
+    spatial_dims: int = 3,
+    loss: dict | str | None = None,
+    train_postprocessing: bool = True,
+) -> Path:
+    """A spleen_ct_segmentation-like bundle: NIfTI phantoms, RandCropByPosNegLabeld, sliding window.
+
+    The network is a tiny UNet unless ``network_def`` is given (2 output classes, ``spatial_dims`` 2 or 3); ``loss``
+    replaces the DiceCELoss (e.g. a deep-supervision loss); ``train_postprocessing=False`` drops the trainer's
+    post-processing (for networks whose training output is a list or a stack of deep-supervision outputs).
+    """
     import nibabel as nib
-    from monai.data.synthetic import create_test_image_3d
+    from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
     for sub in ("imagesTr", "labelsTr"):
         (root / "data" / sub).mkdir(parents=True, exist_ok=True)
     for i in range(cases):
-        img, seg = create_test_image_3d(
-            size,
-            size,
-            size,
+        img, seg = (create_test_image_3d if spatial_dims == 3 else create_test_image_2d)(
+            *([size] * spatial_dims),
             num_objs=3,
             rad_max=8,
             noise_max=0.1,
@@ -109,9 +121,10 @@ def write_segmentation_bundle(root: Path, cases: int = 5, size: int = 32, roi: i
         )
     keys = ["image", "label"]
     cfg = _common(
-        {
+        network_def
+        or {
             "_target_": "UNet",
-            "spatial_dims": 3,
+            "spatial_dims": spatial_dims,
             "in_channels": 1,
             "out_channels": 2,
             "channels": [4, 8, 16],
@@ -124,17 +137,17 @@ def write_segmentation_bundle(root: Path, cases: int = 5, size: int = 32, roi: i
         {
             "images": "$list(sorted(glob.glob(@dataset_dir + '/imagesTr/*.nii.gz')))",
             "labels": "$list(sorted(glob.glob(@dataset_dir + '/labelsTr/*.nii.gz')))",
-            "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+            "loss": loss or {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
             "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.01},
             "train": {
                 "deterministic_transforms": [
                     {"_target_": "LoadImaged", "keys": keys},
                     {"_target_": "EnsureChannelFirstd", "keys": keys},
-                    {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"},
+                    {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"[:spatial_dims]},
                     {
                         "_target_": "Spacingd",
                         "keys": keys,
-                        "pixdim": [1.0, 1.0, 1.0],
+                        "pixdim": [1.0] * spatial_dims,
                         "mode": ["bilinear", "nearest"],
                     },
                     {
@@ -153,7 +166,7 @@ def write_segmentation_bundle(root: Path, cases: int = 5, size: int = 32, roi: i
                         "_target_": "RandCropByPosNegLabeld",
                         "keys": keys,
                         "label_key": "label",
-                        "spatial_size": [roi] * 3,
+                        "spatial_size": [roi] * spatial_dims,
                         "pos": 1,
                         "neg": 1,
                         "num_samples": 2,
@@ -206,7 +219,7 @@ def write_segmentation_bundle(root: Path, cases: int = 5, size: int = 32, roi: i
                         "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
                     },
                 ],
-                "trainer": _trainer("@loss", "@train#postprocessing"),
+                "trainer": _trainer("@loss", "@train#postprocessing" if train_postprocessing else "$None"),
             },
             "validate": {
                 "preprocessing": {"_target_": "Compose", "transforms": "%train#deterministic_transforms"},
@@ -226,7 +239,7 @@ def write_segmentation_bundle(root: Path, cases: int = 5, size: int = 32, roi: i
                 },
                 "inferer": {
                     "_target_": "SlidingWindowInferer",
-                    "roi_size": [roi] * 3,
+                    "roi_size": [roi] * spatial_dims,
                     "sw_batch_size": 4,
                     "overlap": 0.25,
                 },
