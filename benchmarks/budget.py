@@ -4,6 +4,12 @@ Every row prunes a copy of one seed's own base model (``run.py``'s MONAI ResNet-
 to a budget, re-estimates BatchNorm on the calibration subset (chosen by the seed), and records validation / test
 ACC and AUC with no fine-tune, then after the same short fine-tune for every row (``run.train(include_start=True)``).
 
+Segmentation beside them (no goal): ``--datasets membrane`` (``membrane.py``: ISBI 2012 EM membranes, images 0-19
+train / 20-23 val / 24-29 test, MONAI 2D UNet trained on random crops); its Dice of the membrane class fills the
+``acc_*`` columns (AUC NaN), relevance explains the membrane logit over the labelled membrane pixels of random
+training crops, and the report gives it its own tables. A dataset is a *task* (``ClassificationTask`` here,
+``membrane.SegmentationTask``): data, model, predictions, metric, calibration batches, fine-tune.
+
 Budgets: ``macs`` = fraction of MACs removed (``prune(target="macs")``, cost-aware); ``latency`` = requested CPU
 speed-up at batch 1 (``prune(target="latency")`` with the per-layer latency table of the base model, measured by
 the ``tables`` phase). Schedules: ``oneshot`` (``prune_step``) and ``iterative`` (``prune_iteratively``, K steps,
@@ -29,6 +35,8 @@ Usage (from the repository root)::
     OMP_NUM_THREADS=1 python benchmarks/budget.py --phase accuracy --seeds 0 --schedules oneshot iterative
     OMP_NUM_THREADS=1 python benchmarks/budget.py --phase latency --threads 1       # quiet machine
     python benchmarks/budget.py --phase report
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/budget.py --phase accuracy --datasets membrane --seeds 0 --speedups
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --phase tables --datasets membrane --threads 1  # quiet machine
 
 Rows already in budget.csv are skipped, so an interrupted run resumes where it stopped.
 """
