@@ -836,6 +836,8 @@ def segmentation_section(
     """The tables of a segmentation dataset (Dice in the ACC columns), beside the MedMNIST ones: no goal."""
     task, sel = TASKS[d], [r for r in rows if r["dataset"] == d]
     m = task.metric
+    mine = [c for c in cmd_acc.split("`; `") if f" {d}" in c.split("--datasets", 1)[-1].split(" --")[0]]
+    cmd_acc = "`; `".join(mine) if mine else cmd_acc  # the commands that named this dataset
     return "\n\n".join(
         [
             f"### Segmentation beside them: {d} ({task.model_name}; {m}, no goal)",
