@@ -4,6 +4,12 @@ Every row prunes a copy of one seed's own base model (``run.py``'s MONAI ResNet-
 to a budget, re-estimates BatchNorm on the calibration subset (chosen by the seed), and records validation / test
 ACC and AUC with no fine-tune, then after the same short fine-tune for every row (``run.train(include_start=True)``).
 
+Segmentation beside them (no goal): ``--datasets membrane`` (``membrane.py``: ISBI 2012 EM membranes, images 0-19
+train / 20-23 val / 24-29 test, MONAI 2D UNet trained on random crops); its Dice of the membrane class fills the
+``acc_*`` columns (AUC NaN), relevance explains the membrane logit over the labelled membrane pixels of random
+training crops, and the report gives it its own tables. A dataset is a *task* (``ClassificationTask`` here,
+``membrane.SegmentationTask``): data, model, predictions, metric, calibration batches, fine-tune.
+
 Budgets: ``macs`` = fraction of MACs removed (``prune(target="macs")``, cost-aware); ``latency`` = requested CPU
 speed-up at batch 1 (``prune(target="latency")`` with the per-layer latency table of the base model, measured by
 the ``tables`` phase). Schedules: ``oneshot`` (``prune_step``) and ``iterative`` (``prune_iteratively``, K steps,
@@ -29,6 +35,8 @@ Usage (from the repository root)::
     OMP_NUM_THREADS=1 python benchmarks/budget.py --phase accuracy --seeds 0 --schedules oneshot iterative
     OMP_NUM_THREADS=1 python benchmarks/budget.py --phase latency --threads 1       # quiet machine
     python benchmarks/budget.py --phase report
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/budget.py --phase accuracy --datasets membrane --seeds 0 --speedups
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --phase tables --datasets membrane --threads 1  # quiet machine
 
 Rows already in budget.csv are skipped, so an interrupted run resumes where it stopped.
 """
@@ -57,6 +65,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import membrane  # noqa: E402
 import run  # noqa: E402
 from run import (  # noqa: E402
     ALL_METHODS,
@@ -175,16 +184,66 @@ def _float(v: Any) -> float:
 # ----------------------------------------------------------------------------------------- shared
 
 
-def dataset_path(name: str) -> Path:
-    return run.DATA_DIR / DATASETS[name]["file"]
+class ClassificationTask:
+    """A MedMNIST dataset of ``run.py``: its ResNet-18, probability of class 1 per image, test ACC / AUC.
+
+    A task is what the phases need of a dataset (``membrane.SegmentationTask`` is the other one): data, model, base
+    model, predictions, the metric in the ``acc_*`` / ``auc_*`` columns, calibration batches and the fine-tune.
+    """
+
+    metric = "ACC"
+    goal = True  # the issue's verdicts are evaluated on these datasets
+    default_calib = 256
+
+    def __init__(self, name: str):
+        self.name, self.cfg = name, DATASETS[name]
+        self.model_name, self.ft_epochs = model_name(self.cfg), self.cfg["ft_epochs"]
+
+    def data_path(self) -> Path:
+        return run.DATA_DIR / self.cfg["file"]
+
+    def load(self, limit: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {s: load_split(self.data_path(), s, limit) for s in ("train", "val", "test")}
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(1, 1, *([28] * self.cfg["dims"]))
+
+    def fresh_model(self) -> nn.Module:
+        return make_model(self.cfg["dims"], self.cfg["widths"], self.cfg.get("stem_stride", 2))
+
+    def base_model(self, data: dict, cache: Path, epochs: int | None, seed: int) -> tuple[nn.Module, dict]:
+        return base_model(self.name, self.cfg, data, cache, epochs=epochs, seed=seed)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
+        return predict(model, x)
+
+    def metrics(self, y: torch.Tensor, p: np.ndarray) -> tuple[float, float]:
+        return metrics(y, p)
+
+    def saved(self, y: torch.Tensor, p: np.ndarray, stage: str | None = None) -> dict[str, np.ndarray]:
+        """Test predictions kept per row (``stage``) or for the base (None, with the labels): the bootstrap's input."""
+        return {"p": p.astype(np.float32), "y": y.numpy()} if stage is None else {stage: p.astype(np.float32)}
+
+    def calibration(self, data: dict, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        xtr, ytr = data["train"]
+        g = torch.Generator().manual_seed(1000 + seed)  # as run.py: the calibration subset is the seed's
+        calib = torch.randperm(len(xtr), generator=g)[:n]
+        return list(batches(xtr[calib], ytr[calib], 32))
+
+    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int) -> dict:
+        return train(
+            model, data["train"], data["val"], epochs, self.cfg["batch"], seed=seed, include_start=True
+        )
 
 
-def load_data(name: str, limit: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {s: load_split(dataset_path(name), s, limit) for s in ("train", "val", "test")}
+TASKS: dict[str, Any] = {
+    **{n: ClassificationTask(n) for n in DATASETS},
+    "membrane": membrane.SegmentationTask(),
+}
 
 
 def table_path(cache: Path, name: str, threads: int) -> Path:
-    return cache / "budget_tables" / f"{name}_{model_name(DATASETS[name])}_threads{threads}.json"
+    return cache / "budget_tables" / f"{name}_{TASKS[name].model_name}_threads{threads}.json"
 
 
 def save_table(table: LatencyTable, path: Path) -> None:
@@ -206,30 +265,22 @@ def load_table(path: Path) -> LatencyTable | None:
     )
 
 
-def example_input(cfg: dict[str, Any]) -> torch.Tensor:
-    return torch.zeros(1, 1, *([28] * cfg["dims"]))
-
-
-def fresh_model(cfg: dict[str, Any]) -> nn.Module:
-    return make_model(cfg["dims"], cfg["widths"], cfg.get("stem_stride", 2))
-
-
 # --------------------------------------------------------------------------------------------- tables
 
 
 def phase_tables(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for name in args.datasets:
-        cfg = DATASETS[name]
+        task = TASKS[name]
         path = table_path(args.cache, name, args.threads)
         if path.exists() and not args.force:
             print(f"[table] {name}: cached {path}")
             continue
         # the table depends on the architecture and input size only (layers are rebuilt with random weights)
-        model = fresh_model(cfg).eval()
+        model = task.fresh_model().eval()
         t = time.perf_counter()
         table = measure_latency_table(
-            model, example_input(cfg), device="cpu", threads=args.threads, repeats=args.repeats,
+            model, task.example_input(), device="cpu", threads=args.threads, repeats=args.repeats,
             cache_dir=args.cache / "latency_table_raw", progress=False,
         )  # fmt: skip
         save_table(table, path)
@@ -265,13 +316,14 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
-        path = dataset_path(name)
+        task = TASKS[name]
+        path = task.data_path()
         if not path.exists():
             print(f"[skip] {name}: {path} not present")
             continue
-        cfg = DATASETS[name]
-        data = load_data(name, args.limit)
-        x1 = example_input(cfg)
+        data = task.load(args.limit)
+        x1 = task.example_input()
+        n_calib = args.calib if args.calib is not None else task.default_calib
         table = load_table(table_path(args.cache, name, args.threads))
         budgets = [("macs", b) for b in args.macs_budgets]
         if args.speedups:
@@ -283,8 +335,7 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 )
             else:
                 budgets += [("latency", s) for s in args.speedups]
-        ft_epochs = args.ft_epochs if args.ft_epochs is not None else cfg["ft_epochs"]
-        xtr, ytr = data["train"]
+        ft_epochs = args.ft_epochs if args.ft_epochs is not None else task.ft_epochs
         for seed in args.seeds:
             todo = [
                 (meth, sch, kind, b)
@@ -295,22 +346,19 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
             ]
             if not todo:
                 continue
-            model, info = base_model(name, cfg, data, args.cache, epochs=args.epochs, seed=seed)
+            model, info = task.base_model(data, args.cache, args.epochs, seed)
             model.eval()
-            p_base, pv_base = predict(model, data["test"][0]), predict(model, data["val"][0])
-            acc_base, auc_base = metrics(data["test"][1], p_base)
-            val_acc_base = metrics(data["val"][1], pv_base)[0]
-            np.savez(
-                preds / f"{name}_base_s{seed}.npz", p=p_base.astype(np.float32), y=data["test"][1].numpy()
-            )
+            p_base, pv_base = task.predict(model, data["test"][0]), task.predict(model, data["val"][0])
+            acc_base, auc_base = task.metrics(data["test"][1], p_base)
+            val_acc_base = task.metrics(data["val"][1], pv_base)[0]
+            np.savez(preds / f"{name}_base_s{seed}.npz", **task.saved(data["test"][1], p_base))
             print(
-                f"[base] {name} s{seed}: test ACC {acc_base:.4f} AUC {auc_base:.4f} val ACC {val_acc_base:.4f} ({info})",
+                f"[base] {name} s{seed}: test {task.metric} {acc_base:.4f} AUC {auc_base:.4f} val {task.metric} "
+                f"{val_acc_base:.4f} ({info})",
                 flush=True,
             )
             macs_base, params_base = count_macs(model, x1), count_params(model)
-            g = torch.Generator().manual_seed(1000 + seed)  # as run.py: the calibration subset is the seed's
-            calib = torch.randperm(len(xtr), generator=g)[: args.calib]
-            cal = list(batches(xtr[calib], ytr[calib], 32))
+            cal = task.calibration(data, n_calib, seed)
             for meth, sch, kind, b in todo:
                 if meth not in METHODS:
                     print(f"[skip] method {meth!r} not available (have {sorted(METHODS)})")
@@ -357,24 +405,27 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 est = None
                 if table is not None:
                     est = table.estimate_model(model) / table.estimate_model(m)
-                p_pr, pv_pr = predict(m, data["test"][0]), predict(m, data["val"][0])
-                acc_pr, auc_pr = metrics(data["test"][1], p_pr)
-                vacc_pr, vauc_pr = metrics(data["val"][1], pv_pr)
+                p_pr, pv_pr = task.predict(m, data["test"][0]), task.predict(m, data["val"][0])
+                acc_pr, auc_pr = task.metrics(data["test"][1], p_pr)
+                vacc_pr, vauc_pr = task.metrics(data["val"][1], pv_pr)
                 t = time.perf_counter()
-                train(m, data["train"], data["val"], ft_epochs, cfg["batch"], seed=seed, include_start=True)
+                task.finetune(m, data, ft_epochs, seed)
                 t_ft = time.perf_counter() - t
-                p_ft, pv_ft = predict(m, data["test"][0]), predict(m, data["val"][0])
-                acc_ft, auc_ft = metrics(data["test"][1], p_ft)
-                vacc_ft = metrics(data["val"][1], pv_ft)[0]
+                p_ft, pv_ft = task.predict(m, data["test"][0]), task.predict(m, data["val"][0])
+                acc_ft, auc_ft = task.metrics(data["test"][1], p_ft)
+                vacc_ft = task.metrics(data["val"][1], pv_ft)[0]
                 key = tag(name, meth, sch, kind, b, seed)
+                yt = data["test"][1]
                 np.savez(
-                    preds / f"{key}.npz", pruned=p_pr.astype(np.float32), finetuned=p_ft.astype(np.float32)
+                    preds / f"{key}.npz",
+                    **task.saved(yt, p_pr, "pruned"),
+                    **task.saved(yt, p_ft, "finetuned"),
                 )
                 mfile = models / f"{key}.pt"
                 save_pruned(m, mfile, {"dataset": name, "method": meth, "schedule": sch, "budget_kind": kind,
                                        "budget": float(b), "seed": seed}, overwrite=True)  # fmt: skip
                 row = {
-                    "dataset": name, "model": model_name(cfg), "method": meth, "schedule": sch,
+                    "dataset": name, "model": task.model_name, "method": meth, "schedule": sch,
                     "budget_kind": kind, "budget": float(b), "seed": seed,
                     "acc_base": acc_base, "acc_pruned": acc_pr, "acc_finetuned": acc_ft,
                     "macs_ratio": macs / macs_base, "speedup_measured": "",
@@ -383,7 +434,7 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                     "params_ratio": count_params(m) / params_base, "macs_removed": 1 - macs / macs_base,
                     "cost_aware": all(r.cost_aware for r in res), "steps": len(res),
                     "speedup_estimated": "" if est is None else est,
-                    "prune_time_s": t_prune, "finetune_time_s": t_ft, "calib": args.calib, "ft_epochs": ft_epochs,
+                    "prune_time_s": t_prune, "finetune_time_s": t_ft, "calib": n_calib, "ft_epochs": ft_epochs,
                     "base_epochs": info.get("epochs", ""), "normalizer": "auto",
                     "model_file": str(mfile.relative_to(args.cache)),
                 }  # fmt: skip
@@ -408,15 +459,15 @@ def phase_latency(args: argparse.Namespace) -> None:
     for r in rows:
         if r["dataset"] not in args.datasets or (r["speedup_measured"] and not args.force):
             continue
-        cfg = DATASETS[r["dataset"]]
+        task = TASKS[r["dataset"]]
         mfile = args.cache / r["model_file"]
         if not r["model_file"] or not mfile.exists():
             print(f"[skip] {row_key(r)}: no saved model {mfile}")
             continue
-        x1 = example_input(cfg)
+        x1 = task.example_input()
         # the base's weights do not change its latency; the same architecture with fresh weights is timed
-        base = fresh_model(cfg).eval()
-        pruned = load_pruned(mfile, fresh_model(cfg)).eval()
+        base = task.fresh_model().eval()
+        pruned = load_pruned(mfile, task.fresh_model()).eval()
         tb, tp = latency_pair(base, pruned, x1, repeats=args.repeats)
         r.update(
             latency_base_ms=tb, latency_pruned_ms=tp, speedup_measured=tb / tp, latency_threads=args.threads
@@ -459,7 +510,8 @@ class Preds:
         self.folder, self.n_boot, self._idx = folder, n_boot, {}
 
     def correct(self, rows: list[dict], stage: str) -> np.ndarray | None:
-        """[seeds, images] 0/1 of the rows' test predictions (``stage`` pruned / finetuned); None if any is missing."""
+        """[seeds, images] per-image score of the rows' test predictions (``stage`` pruned / finetuned): 0/1 correct,
+        or the kept per-image Dice (``{stage}_score``, segmentation); None if any is missing."""
         out = []
         for r in rows:
             f = (
@@ -469,8 +521,12 @@ class Preds:
             b = self.folder / f"{r['dataset']}_base_s{r['seed']}.npz"
             if not f.exists() or not b.exists():
                 return None
+            z = np.load(f)
+            if f"{stage}_score" in z.files:
+                out.append(z[f"{stage}_score"].astype(np.float64))
+                continue
             y = np.load(b)["y"]
-            out.append(((np.load(f)[stage] >= 0.5).astype(np.int64) == y).astype(np.float64))
+            out.append(((z[stage] >= 0.5).astype(np.int64) == y).astype(np.float64))
         return np.stack(out) if out else None
 
     def idx(self, n: int) -> np.ndarray:
@@ -518,12 +574,14 @@ def _budget_label(kind: str, b: str) -> str:
 
 
 def equal_budget_table(
-    rows: list[dict], kind: str, pr: Preds, datasets: list[str], methods: list[str]
+    rows: list[dict], kind: str, pr: Preds, datasets: list[str], methods: list[str], metric: str = "ACC"
 ) -> str:
     g = _group(rows)
     lines = [
         "| dataset | budget | method | schedule | seeds | MACs removed | params kept | speed-up est. | speed-up measured | "
-        "ACC base | ACC no ft [95% CI] | AUC no ft | ACC fine-tuned [95% CI] | AUC fine-tuned | val ACC no ft |",
+        "ACC base | ACC no ft [95% CI] | AUC no ft | ACC fine-tuned [95% CI] | AUC fine-tuned | val ACC no ft |".replace(
+            "ACC", metric
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     n = 0
@@ -555,10 +613,14 @@ def equal_budget_table(
     return "\n".join(lines) + note if n else "(no rows yet)"
 
 
-def schedule_table(rows: list[dict], pr: Preds, datasets: list[str], methods: list[str]) -> str:
+def schedule_table(
+    rows: list[dict], pr: Preds, datasets: list[str], methods: list[str], metric: str = "ACC"
+) -> str:
     g = _group(rows)
     lines = [
-        "| dataset | budget | method | ACC no ft one-shot | iterative | diff [95% CI] | ACC fine-tuned one-shot | iterative | diff [95% CI] | MACs removed one-shot / iterative |",
+        "| dataset | budget | method | ACC no ft one-shot | iterative | diff [95% CI] | ACC fine-tuned one-shot | iterative | diff [95% CI] | MACs removed one-shot / iterative |".replace(
+            "ACC", metric
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     n = 0
@@ -713,11 +775,15 @@ def verdict_macs(rows: list[dict], datasets: list[str], pr: Preds) -> tuple[str,
 
 
 def majority_acc(preds: Path, d: str) -> float:
-    """Test ACC of always predicting the most frequent test label (what a collapsed network scores)."""
+    """Test ACC of always predicting the most frequent test label (what a collapsed network scores); segmentation:
+    the better Dice of predicting one class everywhere (kept as ``trivial``)."""
     files = sorted(preds.glob(f"{d}_base_s*.npz"))
     if not files:
         return float("nan")
-    y = np.load(files[0])["y"]
+    z = np.load(files[0])
+    if "trivial" in z.files:
+        return float(z["trivial"])
+    y = z["y"]
     return float(max(y.mean(), 1 - y.mean()))
 
 
@@ -753,7 +819,7 @@ def plot(rows: list[dict], datasets: list[str], methods: list[str], out: Path) -
             ax.set_xlabel(
                 "measured CPU speed-up (batch 1)" if measured else "MACs speed-up (latency not measured yet)"
             )
-            ax.set_ylabel("test ACC")
+            ax.set_ylabel(f"test {TASKS[d].metric}")
             ax.set_title(f"{d}: {stage}")
         axes[1].legend(fontsize=6, loc="lower left", ncol=2)
         fig.tight_layout()
@@ -764,12 +830,41 @@ def plot(rows: list[dict], datasets: list[str], methods: list[str], out: Path) -
     return files
 
 
+def segmentation_section(
+    rows: list[dict], pr: Preds, d: str, methods: list[str], out: Path, report_cmd: str, cmd_acc: str
+) -> str:
+    """The tables of a segmentation dataset (Dice in the ACC columns), beside the MedMNIST ones: no goal."""
+    task, sel = TASKS[d], [r for r in rows if r["dataset"] == d]
+    m = task.metric
+    mine = [c for c in cmd_acc.split("`; `") if f" {d}" in c.split("--datasets", 1)[-1].split(" --")[0]]
+    cmd_acc = "`; `".join(mine) if mine else cmd_acc  # the commands that named this dataset
+    return "\n\n".join(
+        [
+            f"### Segmentation beside them: {d} ({task.model_name}; {m}, no goal)",
+            f"Rows: {len(sel)} (`{cmd_acc}`; tables: `{report_cmd}`). {task.description} Test {m} of the unpruned "
+            f"network: {_mean(sel, 'acc_base'):.3f} (validation {_mean(sel, 'val_acc_base'):.3f}); predicting "
+            f"one class everywhere scores {majority_acc(out / 'budget_preds', d):.3f}. Calibration: "
+            f"{sel[0]['calib']} random training crops chosen by the seed (relevance target: the membrane logit over "
+            f"the labelled membrane pixels; BatchNorm re-estimated on the crops). Fine-tune: "
+            f"{'/'.join(sorted({r['ft_epochs'] for r in sel}))} epochs on random crops (base: "
+            f"{'/'.join(sorted({r['base_epochs'] for r in sel}))}). 95 % CIs: bootstrap over the test images. AUC "
+            "columns: not defined here (-).",
+            f"#### Equal MACs ({m})\n\n" + equal_budget_table(rows, "macs", pr, [d], methods, m),
+            f"#### Equal latency ({m})\n\n" + equal_budget_table(rows, "latency", pr, [d], methods, m),
+            f"#### One-shot vs iterative ({m}, diff in points)\n\n"
+            + schedule_table(rows, pr, [d], methods, m),
+        ]
+    )
+
+
 def phase_report(args: argparse.Namespace) -> str:
     rows = read_rows(args.out / "budget.csv")
     if not rows:
         print("no rows")
         return "no rows"
-    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    datasets = [d for d in TASKS if any(r["dataset"] == d for r in rows)]
+    goal_ds = [d for d in datasets if TASKS[d].goal]  # the verdicts and main tables; the others beside them
+    goal_rows = [r for r in rows if r["dataset"] in goal_ds]
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
     pr = Preds(args.out / "budget_preds", args.n_boot)
     rel = lambda p: p.relative_to(HERE.parent) if p.resolve().is_relative_to(HERE.parent) else p  # noqa: E731
@@ -800,8 +895,8 @@ def phase_report(args: argparse.Namespace) -> str:
         if any((d, m, s) not in have for m in methods for s in SCHEDULES)
     ]
     ft = {d: sorted({r["ft_epochs"] for r in rows if r["dataset"] == d}) for d in datasets}
-    va, da = verdict_latency(rows, datasets, pr)
-    vb, db = verdict_macs(rows, datasets, pr)
+    va, da = verdict_latency(goal_rows, goal_ds, pr)
+    vb, db = verdict_macs(goal_rows, goal_ds, pr)
     files = plot(rows, datasets, methods, args.out)
     (args.out / "budget_verdicts.json").write_text(
         json.dumps({"a_equal_latency": da, "b_equal_macs": db}, indent=1)
@@ -829,15 +924,20 @@ def phase_report(args: argparse.Namespace) -> str:
             "batch-1 median, pruned vs unpruned interleaved in one process). 95 % CIs: bootstrap over test images "
             f"({args.n_boot} resamples, seeds averaged inside each resample). Majority-class test ACC (a network "
             "that predicts one class): "
-            + ", ".join(f"{d} {majority_acc(args.out / 'budget_preds', d):.3f}" for d in datasets)
+            + ", ".join(f"{d} {majority_acc(args.out / 'budget_preds', d):.3f}" for d in goal_ds)
             + ".",
             "### Verdicts\n\n" + va + "\n\n" + vb,
             f"### Equal MACs\n\nCommand: `{report_cmd}` (rows from `{cmd_acc}`)\n\n"
-            + equal_budget_table(rows, "macs", pr, datasets, methods),
+            + equal_budget_table(rows, "macs", pr, goal_ds, methods),
             f"### Equal latency (requested CPU speed-up)\n\nCommand: `{report_cmd}` (rows from `{cmd_acc}` after "
-            "`--phase tables`)\n\n" + equal_budget_table(rows, "latency", pr, datasets, methods),
+            "`--phase tables`)\n\n" + equal_budget_table(rows, "latency", pr, goal_ds, methods),
             f"### One-shot vs iterative ({STEPS} steps)\n\nCommand: `{report_cmd}`. diff = iterative - one-shot, "
-            "test ACC points, seeds both schedules have.\n\n" + schedule_table(rows, pr, datasets, methods),
+            "test ACC points, seeds both schedules have.\n\n" + schedule_table(rows, pr, goal_ds, methods),
+            *(
+                segmentation_section(rows, pr, d, methods, args.out, report_cmd, cmd_acc)
+                for d in datasets
+                if not TASKS[d].goal
+            ),
             "Plots (test ACC vs measured speed-up, or vs MACs speed-up until the latency phase ran): "
             + ", ".join(f"`benchmarks/results/{f}`" for f in files)
             + ".",
@@ -854,7 +954,7 @@ def phase_report(args: argparse.Namespace) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=("tables", "accuracy", "latency", "report"), default="accuracy")
-    p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, choices=list(DATASETS))
+    p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
@@ -866,8 +966,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--speedups", nargs="*", type=float, default=list(SPEEDUPS), help="requested CPU speed-ups (batch 1)"
     )
     p.add_argument("--epochs", type=int, default=None, help="override the base training epochs (smoke tests)")
-    p.add_argument("--ft-epochs", type=int, default=None, help="override DATASETS[name]['ft_epochs']")
-    p.add_argument("--calib", type=int, default=256, help="calibration images for relevance and BatchNorm")
+    p.add_argument("--ft-epochs", type=int, default=None, help="override the dataset's fine-tune epochs")
+    p.add_argument("--calib", type=int, default=None,
+                   help="calibration images for relevance and BatchNorm (default 256; membrane: 16 random 128^2 crops)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads: latency tables, pruning for latency, timing"
     )

@@ -28,7 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,9 @@ def train(
     kd_alpha: float = 0.0,
     kd_temperature: float = 4.0,
     extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_fn: Callable[[torch.Generator], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    steps_per_epoch: int | None = None,
+    score_fn: Callable[[nn.Module], tuple[float, ...]] | None = None,
 ) -> dict[str, Any]:
     """AdamW + cosine schedule with flips; keep the weights of the best validation (ACC, then AUC) epoch.
 
@@ -241,6 +244,11 @@ def train(
             (Hinton et al. 2015, temperature ``kd_temperature``).
         extra_loss: ``(model, images, labels, logits) -> term`` added to the loss of every batch (e.g. the
             explanation-consistency term of ``benchmarks/explanations.py``).
+        batch_fn: ``generator -> (images, labels) batches`` of one epoch, in place of the shuffled, augmented
+            ``train_xy`` batches (segmentation: random crops, the label transformed with its image); needs
+            ``steps_per_epoch`` (the learning-rate schedule's length).
+        score_fn: ``model -> tuple`` compared on validation (higher is better), in place of ``metrics`` of
+            ``predict`` on ``val_xy`` (ACC, then AUC).
 
     Returns:
         ``{"best_epoch", "val_acc", "val_auc", "time_s"}``; ``model`` holds the best weights.
@@ -248,7 +256,14 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(train_xy[0]) / batch)
+    if batch_fn is not None and steps_per_epoch is None:
+        raise ValueError("train(batch_fn=...) needs steps_per_epoch (the learning-rate schedule's length)")
+    if batch_fn is None:
+        steps_per_epoch = math.ceil(len(train_xy[0]) / batch)
+        batch_fn = lambda g: batches(*train_xy, batch, shuffle=True, gen=g, augment=True)  # noqa: E731
+    if score_fn is None:
+        score_fn = lambda m: metrics(val_xy[1], predict(m, val_xy[0]))  # noqa: E731
+    steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss()
     distil = teacher is not None and kd_alpha > 0
@@ -258,11 +273,11 @@ def train(
     best: tuple[float, float] = (-1.0, -1.0)
     best_state, best_epoch = None, -1
     if include_start:
-        best = metrics(val_xy[1], predict(model, val_xy[0]))
+        best = score_fn(model)
         best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
     for epoch in range(1, epochs + 1):
         model.train()
-        for xb, yb in batches(*train_xy, batch, shuffle=True, gen=gen, augment=True):
+        for xb, yb in batch_fn(gen):
             if len(xb) < 2:
                 continue
             xb, yb = xb.to(DEVICE), yb.to(DEVICE)
@@ -281,7 +296,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-        score = metrics(val_xy[1], predict(model, val_xy[0]))
+        score = score_fn(model)
         if score > best:
             best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
     if best_state is not None:
@@ -289,7 +304,7 @@ def train(
     return {
         "best_epoch": best_epoch,
         "val_acc": best[0],
-        "val_auc": best[1],
+        "val_auc": best[1] if len(best) > 1 else float("nan"),
         "time_s": time.perf_counter() - t0,
     }
 

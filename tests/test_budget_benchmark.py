@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
 
-from conftest import MEDMNIST, ROOT, require_file
+import numpy as np
+from conftest import DATA_DIR, MEDMNIST, ROOT, require_file
+from PIL import Image
 
 REQUIRED = (
     "dataset,model,method,schedule,budget_kind,budget,seed,acc_base,acc_pruned,acc_finetuned,macs_ratio,"
@@ -59,3 +62,41 @@ def test_budget_benchmark_smoke(tmp_path):
     report = _run(tmp_path, "--phase", "report", "--n-boot", "50")
     assert "Equal MACs" in report and "One-shot vs iterative" in report and "(b) Equal MACs" in report
     assert (tmp_path / "budget.md").exists() and (tmp_path / "budget_breastmnist.png").stat().st_size > 1000
+
+
+def test_budget_benchmark_membrane_smoke(tmp_path):
+    """The segmentation dataset: a MONAI 2D UNet row with Dice in the ACC columns, its own report section."""
+    root = require_file(DATA_DIR / "membrane" / "label" / "29.png").parents[1]
+    out = _run(
+        tmp_path, "--phase", "accuracy", "--datasets", "membrane", "--methods", "lrp", "--schedules", "oneshot",
+        "--macs-budgets", "0.7", "--speedups", "--seeds", "0", "--limit", "2", "--epochs", "1", "--ft-epochs", "1",
+        "--calib", "8",
+    )  # fmt: skip
+    assert "test Dice" in out
+    with (tmp_path / "budget.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["dataset"] == "membrane" and row["model"].startswith("monai-unet-2d")
+    assert 0.7 - 1e-3 <= float(row["macs_removed"]) <= 0.72 and row["calib"] == "8"
+    for k in ("acc_base", "acc_pruned", "acc_finetuned", "val_acc_pruned"):
+        assert 0.0 <= float(row[k]) <= 1.0
+    assert math.isnan(float(row["auc_pruned"]))  # no AUC for segmentation
+    base = np.load(tmp_path / "budget_preds" / "membrane_base_s0.npz")
+    assert base["score"].shape == (2,) and abs(base["score"].mean() - float(row["acc_base"])) < 1e-5
+    # oracle: the Dice of predicting membrane (label pixel 0) everywhere on the first two test images (24, 25)
+    g = [np.asarray(Image.open(root / "label" / f"{i}.png")) < 128 for i in (24, 25)]
+    assert abs(float(base["trivial"]) - np.mean([2 * m.mean() / (1 + m.mean()) for m in g])) < 1e-6
+    report = _run(tmp_path, "--phase", "report", "--n-boot", "50")
+    section = report.split("### Segmentation beside them: membrane")[1]
+    assert "Dice no ft [95% CI]" in section and "| membrane | 70% MACs | lrp | oneshot | 1 |" in section
+    assert "Not evaluable" in report.split("### Equal MACs")[0]  # membrane rows never enter the verdicts
+    assert (tmp_path / "budget_membrane.png").stat().st_size > 1000
+
+
+def test_membrane_dice_per_image():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from membrane import dice_per_image
+
+    y = np.array([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[1, 0, 0, 0]]])
+    p = np.array([[[0.9, 0.2, 0.7, 0.1]], [[0.1, 0.1, 0.1, 0.1]], [[0.1, 0.1, 0.1, 0.1]]])
+    # image 0: 1 overlap, |G| 2, |P| 2 -> 0.5; image 1: both empty -> 1; image 2: nothing found -> 0
+    assert np.allclose(dice_per_image(y, p), [0.5, 1.0, 0.0])
