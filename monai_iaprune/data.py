@@ -192,6 +192,10 @@ def load_medmnist(
             f"{path.name} has multi-label targets (shape {labels.shape}); only single-label sets are supported"
         )
     labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) != len(images):
+        raise ValueError(
+            f"{path.name}: {len(images)} {split} images but {len(labels)} labels; the file is damaged"
+        )
     if images.ndim == 3:  # (N, H, W) grey 2D
         images, dims = images[:, None], 2
     elif images.ndim == 4 and images.shape[-1] == 3 and spatial_dims != 3:  # (N, H, W, 3) RGB 2D
@@ -312,9 +316,11 @@ def load_datalist(
         path = path / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"datalist JSON not found: {path}")
-    with open(path) as f:
-        content = json.load(f)
-    if "training" not in content:
+    try:
+        content = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"datalist {path} is not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(content, dict) or "training" not in content:
         raise KeyError(f"datalist {path} has no 'training' list (keys: {sorted(content)})")
     key = {"train": "training", "val": "validation", "test": "test"}[split]
     if key == "test" and key not in content:
@@ -360,6 +366,10 @@ def _read_volume(path: str | os.PathLike, spatial_dims: int) -> np.ndarray:
     except Exception as e:
         raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from e
     arr = np.asarray(img, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"image {path} holds {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN / Inf)"
+        )
     if arr.ndim - 1 != spatial_dims:
         raise ValueError(
             f"{path} holds {arr.ndim - 1}D images (shape {arr.shape}) but this bundle is {spatial_dims}D"

@@ -15,7 +15,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_iaprune.relevance.registry import input_map_methods
 from monai_iaprune.report.prune_report import Measurement, PruneReport, write_prune_report
 from monai_iaprune.utils.ddp import rank, unwrap_network
-from monai_iaprune.utils.settings import as_bool
+from monai_iaprune.utils.settings import as_bool, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ class PruneReportHandler:
             raise TypeError("example_inputs is None and there is no pruning_handler to take the example from")
         if example_inputs is not None and not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
+        check_int(latency_warmup, "latency_warmup", 0)
+        check_int(latency_repeats, "latency_repeats", 1)
         if explain_method not in input_map_methods():
             raise ValueError(f"unknown explain_method {explain_method!r}; use one of {input_map_methods()}")
         explain_kwargs = dict(explain_kwargs or {})

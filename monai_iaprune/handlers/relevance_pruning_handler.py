@@ -178,6 +178,8 @@ class RelevancePruningHandler:
         depth_method: str | None = None,
         min_blocks_per_stage: int = 1,
     ) -> None:
+        if collector is not None and not isinstance(collector, RelevanceCollector):
+            raise TypeError(f"collector must be a RelevanceCollector, got {type(collector).__name__}")
         if collector is None:
             get_method(method)  # raises for an unknown name, listing the registered ones
         check_ratio(ratio)
@@ -244,8 +246,6 @@ class RelevancePruningHandler:
             )
         if any(e < 0 for e in prune_epochs) or any(b <= a for a, b in zip(prune_epochs, prune_epochs[1:])):
             raise ValueError(f"prune_epochs {prune_epochs} must be strictly increasing integers >= 0")
-        if collector is not None and not isinstance(collector, RelevanceCollector):
-            raise TypeError(f"collector must be a RelevanceCollector, got {type(collector).__name__}")
         clash = [k for k in _RESERVED_PRUNE_KWARGS if k in prune_kwargs]
         if clash:
             raise ValueError(

@@ -19,6 +19,7 @@ from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 from monai_iaprune.relevance.registry import METHODS
+from monai_iaprune.utils.settings import check_int, check_number
 
 TARGETS = ("params", "macs", "channels", "latency")
 
@@ -362,8 +363,13 @@ def prune(
     if cost_aware and target == "channels":
         raise ValueError("cost_aware needs a params, macs or latency budget, not target='channels'")
     normalizer = resolve_normalizer(normalizer, relevance, "params" if cost_aware else target)
-    if not 0.0 < max_layer_ratio < 1.0:
-        raise ValueError(f"max_layer_ratio must lie strictly between 0 and 1, got {max_layer_ratio}")
+    check_number(max_layer_ratio, "max_layer_ratio", 0.0, 1.0, min_open=True, max_open=True)
+    check_int(round_to, "round_to", 1, allow_none=True)
+    check_number(tolerance, "tolerance", 0.0, 1.0, max_open=True)
+    if not relevance:
+        raise ValueError(
+            "relevance is empty: no layer has scores to rank (channel_relevance found no layer?)"
+        )
     if example_inputs is None:
         example_inputs = getattr(relevance, "example_input", None)
         if example_inputs is None:
