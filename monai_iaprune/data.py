@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from monai.transforms import MapTransform
 
+from monai_iaprune.utils.settings import check_int
+
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -499,6 +501,7 @@ def classification_datalist(
     Raises:
         ValueError: the data do not match ``num_classes`` or ``spatial_dims``, or a file cannot be read.
     """
+    check_int(max_samples, "max_samples", 1, allow_none=True)  # 0 or -1 would keep all / all but one silently
     if dataset_dir in (None, "", "None", "null"):
         n = num_samples if split == "train" else max(2, num_samples // 2)
         items = synthetic_classification(n, spatial_dims, size, split, seed)
@@ -554,6 +557,7 @@ def segmentation_datalist(
     Returns:
         A list of ``{"image": path, "label": path}`` dicts.
     """
+    check_int(max_samples, "max_samples", 1, allow_none=True)
     if dataset_dir in (None, "", "None", "null"):
         n = num_samples if split == "train" else max(2, num_samples // 2)
         items = synthetic_segmentation_nifti(synthetic_dir, n, size, split, seed, num_seg_classes, spacing)

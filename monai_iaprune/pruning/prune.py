@@ -147,6 +147,23 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
     return found
 
 
+def check_prune_kwargs(kwargs: Mapping[str, Any], reserved: Iterable[str] = ()) -> None:
+    """Raise ValueError for a key of ``kwargs`` that is no ``prune`` setting (or is ``reserved``), listing the
+    accepted ones, or for a ``max_layer_ratio`` / ``round_to`` / ``tolerance`` out of its range."""
+    import inspect
+
+    accepted = [p for p in inspect.signature(prune).parameters if p not in ("model", "relevance", *reserved)]
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(f"{unknown} are not settings of monai_iaprune.prune here; it accepts {accepted}")
+    if "max_layer_ratio" in kwargs:
+        check_number(kwargs["max_layer_ratio"], "max_layer_ratio", 0.0, 1.0, min_open=True, max_open=True)
+    if "round_to" in kwargs:
+        check_int(kwargs["round_to"], "round_to", 1, allow_none=True)
+    if "tolerance" in kwargs:
+        check_number(kwargs["tolerance"], "tolerance", 0.0, 1.0, max_open=True)
+
+
 def _validate_ratio(ratio: float) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"bad ratio {ratio!r}: the fraction to remove must lie strictly between 0 and 1")
@@ -363,9 +380,7 @@ def prune(
     if cost_aware and target == "channels":
         raise ValueError("cost_aware needs a params, macs or latency budget, not target='channels'")
     normalizer = resolve_normalizer(normalizer, relevance, "params" if cost_aware else target)
-    check_number(max_layer_ratio, "max_layer_ratio", 0.0, 1.0, min_open=True, max_open=True)
-    check_int(round_to, "round_to", 1, allow_none=True)
-    check_number(tolerance, "tolerance", 0.0, 1.0, max_open=True)
+    check_prune_kwargs({"max_layer_ratio": max_layer_ratio, "round_to": round_to, "tolerance": tolerance})
     if not relevance:
         raise ValueError(
             "relevance is empty: no layer has scores to rank (channel_relevance found no layer?)"
