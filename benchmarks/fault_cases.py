@@ -1265,7 +1265,7 @@ for _args, _words, _quick in (
     (["--fresh_optimizer", "nah"], ("fresh_optimizer", "nah"), False),
     (["--cost_aware", "perhaps"], ("cost_aware", "perhaps"), False),
     (["--train_if_missing", "ok"], ("train_if_missing", "ok"), False),
-    (["--method", "lrpp"], ("method", "lrpp"), True),
+    (["--method", "lrpp"], ("method", "lrpp"), False),
     (["--ratio", "0"], ("ratio", "0"), False),
     (["--ratio", "1.5"], ("ratio", "1.5"), False),
     (["--ratio", "-1"], ("ratio", "-1"), False),

@@ -125,3 +125,32 @@ def test_unreadable_image_names_file(tmp_path):
         except ValueError as e:
             errors.append(str(e))
     assert len(errors) == 1 and str(bad) in errors[0]
+
+
+def test_damaged_files_are_named(tmp_path):
+    """A MedMNIST file with fewer labels than images (zip would pair them silently), a datalist that is not JSON, a
+    volume holding NaN (min-max scaling would turn the whole image into NaN): each error names the file."""
+    rs = np.random.RandomState(0)
+    np.savez(tmp_path / "short.npz", train_images=(rs.rand(6, 8, 8) * 255).astype(np.uint8),
+             train_labels=np.zeros((4, 1), dtype=np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match="short.npz: 6 train images but 4 labels"):
+        data.load_medmnist(tmp_path / "short.npz", "train")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        data.classification_datalist(tmp_path / "broken.json", "train", 3)
+    path = _nifti_datalist(tmp_path, labels=(0, 1, 0))
+    import nibabel as nib
+
+    vol = np.zeros((8, 8, 8), dtype=np.float32)
+    vol[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol_0.nii.gz")
+    with pytest.raises(ValueError, match=r"vol_0.nii.gz holds 1 non-finite value"):
+        data.classification_datalist(path, "train", 3)
+
+
+@pytest.mark.parametrize("max_samples", [0, -1, 1.5])
+def test_max_samples_must_be_a_positive_count(max_samples):
+    """``items[:0]`` kept every item and ``items[:-1]`` all but one, silently."""
+    with pytest.raises(ValueError, match=f"bad max_samples {max_samples!r}"):
+        data.classification_datalist("", "train", 2, num_samples=4, size=8, max_samples=max_samples)
+    assert len(data.classification_datalist("", "train", 2, num_samples=4, size=8, max_samples=3)) == 3
