@@ -1022,6 +1022,57 @@ def _(ctx):
     return expect_error(ctx, lambda: t(item), "img.nii.gz", "lab.nii.gz")
 
 
+def _seg_label(ctx: Ctx, value: float) -> Result:
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from monai_iaprune.data import CheckLabelValuesd
+
+    lab = np.zeros((8, 8, 8), dtype=np.float32)
+    lab[2:4, 2:4, 2:4] = 1
+    lab[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), ctx.tmp / "lab.nii.gz")
+    # the segmentation bundle's first transforms
+    t = Compose(
+        [LoadImaged("label"), EnsureChannelFirstd("label"), CheckLabelValuesd("label", num_classes=2)]
+    )
+    return expect_error(ctx, lambda: t({"label": str(ctx.tmp / "lab.nii.gz")}), "lab.nii.gz", "num_classes")
+
+
+case("data", "segmentation label value 3 with num_classes 2", "error naming the file and num_classes")(
+    lambda ctx: _seg_label(ctx, 3.0)
+)
+case("data", "segmentation label with fractional values (0.5)", "error naming the file")(
+    lambda ctx: _seg_label(ctx, 0.5)
+)
+
+
+@case(
+    "data", "segmentation bundle trained on a label with class 3 (num_classes 2)", "exit != 0 naming the file"
+)
+def _(ctx):
+    import nibabel as nib
+    import numpy as np
+
+    b = ctx.tmp / "seg"
+    shutil.copytree(
+        ROOT / "bundles" / "segmentation_3d", b, ignore=shutil.ignore_patterns("models", "eval", "data")
+    )
+    rs = np.random.RandomState(0)
+    items = []
+    for i in range(3):
+        img, lab = rs.rand(16, 16, 16).astype(np.float32), np.zeros((16, 16, 16), dtype=np.float32)
+        lab[4:10, 4:10, 4:10] = 3 if i == 1 else 1
+        nib.save(nib.Nifti1Image(img, np.eye(4)), b / f"img{i}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), b / f"lab{i}.nii.gz")
+        items.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"})
+    (b / "ds.json").write_text(json.dumps({"training": items, "validation": items[:1]}))
+    args = ["run", "--config_file", "configs/train.json", "--dataset_dir", "ds.json", "--epochs", "1",
+            "--roi_size", "[8, 8, 8]", "--pixdim", "[1.0, 1.0, 1.0]"]  # fmt: skip
+    return cli_error(ctx, b, args, "lab1.nii.gz", "num_classes")
+
+
 @case("data", "segmentation datalist JSON naming a missing label", "error naming the file")
 def _(ctx):
     from monai_iaprune.data import segmentation_datalist

@@ -591,6 +591,39 @@ class CheckSameSpatialShaped(MapTransform):
         return d
 
 
+class CheckLabelValuesd(MapTransform):
+    """Refuse a segmentation label holding values other than the class indices ``0 .. num_classes - 1``, naming the file.
+
+    Put it right after loading: a value ``>= num_classes`` fails deep inside the loss's one-hot step without naming the
+    file, and a fractional value (an image given as label, a label resampled with linear interpolation) would be
+    truncated to a class silently.
+
+    Args:
+        keys: the label key(s).
+        num_classes: the network's output channels (background included).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("label",), num_classes: int = 2) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            v = torch.as_tensor(d[key]).float()
+            bad = ~torch.isfinite(v) | (v < 0) | (v > self.num_classes - 1) | (v != v.round())
+            if bad.any():
+                values = torch.unique(v[bad])[:5].tolist()
+                name = str(getattr(d[key], "meta", {}).get("filename_or_obj", key))
+                raise ValueError(
+                    f"label {name} holds {int(bad.sum())} voxel(s) with values {values} that are not class indices "
+                    f"0..{self.num_classes - 1} (num_classes {self.num_classes}); fix the label or pass --num_classes"
+                )
+        return d
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """Return ``value`` when it is one of ``choices``, else raise a ValueError naming the setting."""
     if value not in choices:
@@ -599,6 +632,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 __all__ = [
+    "CheckLabelValuesd",
     "CheckSameSpatialShaped",
     "check_choice",
     "check_num_classes",

@@ -154,3 +154,21 @@ def test_max_samples_must_be_a_positive_count(max_samples):
     with pytest.raises(ValueError, match=f"bad max_samples {max_samples!r}"):
         data.classification_datalist("", "train", 2, num_samples=4, size=8, max_samples=max_samples)
     assert len(data.classification_datalist("", "train", 2, num_samples=4, size=8, max_samples=3)) == 3
+
+
+@pytest.mark.parametrize("value", [3.0, 0.5, -1.0, float("nan")])
+def test_segmentation_label_values_outside_the_classes_are_refused_naming_the_file(tmp_path, value):
+    """Class 3 with num_classes 2 failed inside the loss's one-hot step naming no file; 0.5 was truncated to 0."""
+    import nibabel as nib
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    lab = np.zeros((8, 8, 8), dtype=np.float32)
+    lab[2:4, 2:4, 2:4] = 1
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "good.nii.gz")
+    lab[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "bad.nii.gz")
+    load = Compose([LoadImaged("label"), EnsureChannelFirstd("label")])
+    check = data.CheckLabelValuesd("label", num_classes=2)
+    check(load({"label": str(tmp_path / "good.nii.gz")}))
+    with pytest.raises(ValueError, match=r"label .*bad.nii.gz holds 1 voxel\(s\) .* not class indices 0..1"):
+        check(load({"label": str(tmp_path / "bad.nii.gz")}))
