@@ -1346,6 +1346,8 @@ for _args, _words, _quick in (
     (["--prune_kwargs", "{'round_to': 0}"], ("round_to", "0"), False),
     (["--prune_kwargs", "{'nonsense': 1}"], ("nonsense",), False),
     (["--relevance_kwargs", "{'bogus': 1}"], ("bogus",), False),
+    (["--explain", "true", "--explain_kwargs", "{'n_imagez': 2}"], ("explain_kwargs", "n_imagez"), False),
+    (["--explain", "true", "--explain_kwargs", "{'n_steps': 0}"], ("n_steps", "0"), False),
     (["--ratoi", "0.3"], ("ratoi", "ratio"), True),
     (["--finetune_epoch", "3"], ("finetune_epoch",), False),
     (["--target", "banana"], ("target", "banana"), False),

@@ -279,3 +279,22 @@ def test_report_handler_latency_and_relevance_max_batches_are_range_checked():
         channel_relevance(net, [torch.zeros(1, 1, 16, 16)], "taylor", max_batches=0)
     with pytest.raises(ValueError, match=r"takes no setting\(s\) \['bogus'\]"):
         RelevanceCollector("taylor", relevance_kwargs={"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("explain_kwargs", "message"),
+    [({"bogus": 1}, r"explain_kwargs \['bogus'\] are not settings of explanation_report"),
+     ({"n_images": 0}, "bad explain_kwargs n_images 0"), ({"max_samples": -1}, "bad explain_kwargs max_samples -1"),
+     ({"n_steps": 0}, "bad explain_kwargs n_steps 0"), ({"steps": 0}, "bad explain_kwargs steps 0")],
+)  # fmt: skip
+def test_report_explain_kwargs_are_checked_when_built(explain_kwargs, message):
+    """explanation_report runs after the last epoch: a misspelt or zero setting there cost the whole run."""
+    from monai.engines import SupervisedEvaluator
+    from monai.networks.nets import DenseNet
+
+    from monai_iaprune.handlers import PruneReportHandler
+
+    net = DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(1, 1), bn_size=2)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[], network=net)
+    with pytest.raises(ValueError, match=message):
+        PruneReportHandler(evaluator, "out", torch.zeros(1, 1, 16, 16), explain_kwargs=explain_kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Mapping
@@ -117,6 +118,18 @@ class PruneReportHandler:
         clash = [k for k in _EXPLAIN_RESERVED if k in explain_kwargs]
         if clash:
             raise ValueError(f"explain_kwargs may not set {clash}: the handler passes them itself")
+        # checked now: explanation_report runs after the last fine-tuning epoch, where a typo would cost the run
+        from monai_iaprune.report.explanations import explanation_report
+
+        accepted = [k for k in inspect.signature(explanation_report).parameters if k not in _EXPLAIN_RESERVED]
+        unknown = sorted(k for k in explain_kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"explain_kwargs {unknown} are not settings of explanation_report; it accepts {accepted}"
+            )
+        for key in ("n_images", "max_samples", "n_steps", "steps"):
+            if key in explain_kwargs:
+                check_int(explain_kwargs[key], f"explain_kwargs {key}", 1)
         if not figures_dir or Path(figures_dir).is_absolute():
             raise ValueError(f"figures_dir must be a relative sub-folder of output_dir, got {figures_dir!r}")
         self.evaluator = evaluator
