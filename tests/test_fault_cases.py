@@ -19,6 +19,7 @@ SCRIPT = ROOT / "benchmarks" / "fault_cases.py"
 def fc():
     spec = importlib.util.spec_from_file_location("fault_cases", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_cases"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
