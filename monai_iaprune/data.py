@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from monai.transforms import MapTransform
 
+from monai_iaprune.utils.settings import check_int
+
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -192,6 +194,10 @@ def load_medmnist(
             f"{path.name} has multi-label targets (shape {labels.shape}); only single-label sets are supported"
         )
     labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) != len(images):
+        raise ValueError(
+            f"{path.name}: {len(images)} {split} images but {len(labels)} labels; the file is damaged"
+        )
     if images.ndim == 3:  # (N, H, W) grey 2D
         images, dims = images[:, None], 2
     elif images.ndim == 4 and images.shape[-1] == 3 and spatial_dims != 3:  # (N, H, W, 3) RGB 2D
@@ -312,9 +318,11 @@ def load_datalist(
         path = path / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"datalist JSON not found: {path}")
-    with open(path) as f:
-        content = json.load(f)
-    if "training" not in content:
+    try:
+        content = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"datalist {path} is not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(content, dict) or "training" not in content:
         raise KeyError(f"datalist {path} has no 'training' list (keys: {sorted(content)})")
     key = {"train": "training", "val": "validation", "test": "test"}[split]
     if key == "test" and key not in content:
@@ -360,6 +368,10 @@ def _read_volume(path: str | os.PathLike, spatial_dims: int) -> np.ndarray:
     except Exception as e:
         raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from e
     arr = np.asarray(img, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"image {path} holds {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN / Inf)"
+        )
     if arr.ndim - 1 != spatial_dims:
         raise ValueError(
             f"{path} holds {arr.ndim - 1}D images (shape {arr.shape}) but this bundle is {spatial_dims}D"
@@ -489,6 +501,7 @@ def classification_datalist(
     Raises:
         ValueError: the data do not match ``num_classes`` or ``spatial_dims``, or a file cannot be read.
     """
+    check_int(max_samples, "max_samples", 1, allow_none=True)  # 0 or -1 would keep all / all but one silently
     if dataset_dir in (None, "", "None", "null"):
         n = num_samples if split == "train" else max(2, num_samples // 2)
         items = synthetic_classification(n, spatial_dims, size, split, seed)
@@ -544,6 +557,7 @@ def segmentation_datalist(
     Returns:
         A list of ``{"image": path, "label": path}`` dicts.
     """
+    check_int(max_samples, "max_samples", 1, allow_none=True)
     if dataset_dir in (None, "", "None", "null"):
         n = num_samples if split == "train" else max(2, num_samples // 2)
         items = synthetic_segmentation_nifti(synthetic_dir, n, size, split, seed, num_seg_classes, spacing)
@@ -577,6 +591,39 @@ class CheckSameSpatialShaped(MapTransform):
         return d
 
 
+class CheckLabelValuesd(MapTransform):
+    """Refuse a segmentation label holding values other than the class indices ``0 .. num_classes - 1``, naming the file.
+
+    Put it right after loading: a value ``>= num_classes`` fails deep inside the loss's one-hot step without naming the
+    file, and a fractional value (an image given as label, a label resampled with linear interpolation) would be
+    truncated to a class silently.
+
+    Args:
+        keys: the label key(s).
+        num_classes: the network's output channels (background included).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("label",), num_classes: int = 2) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            v = torch.as_tensor(d[key]).float()
+            bad = ~torch.isfinite(v) | (v < 0) | (v > self.num_classes - 1) | (v != v.round())
+            if bad.any():
+                values = torch.unique(v[bad])[:5].tolist()
+                name = str(getattr(d[key], "meta", {}).get("filename_or_obj", key))
+                raise ValueError(
+                    f"label {name} holds {int(bad.sum())} voxel(s) with values {values} that are not class indices "
+                    f"0..{self.num_classes - 1} (num_classes {self.num_classes}); fix the label or pass --num_classes"
+                )
+        return d
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """Return ``value`` when it is one of ``choices``, else raise a ValueError naming the setting."""
     if value not in choices:
@@ -585,6 +632,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 __all__ = [
+    "CheckLabelValuesd",
     "CheckSameSpatialShaped",
     "check_choice",
     "check_num_classes",

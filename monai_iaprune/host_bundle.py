@@ -41,7 +41,7 @@ from monai_iaprune.relevance.registry import METHODS
 from monai_iaprune.report.explanation_budget import DEFAULT_RATIOS, AgreementBudget, prune_to_min_agreement
 from monai_iaprune.utils.ddp import barrier, is_distributed, is_main_process, unwrap_network, world_size
 from monai_iaprune.utils.outputs import OutputTransaction
-from monai_iaprune.utils.settings import as_bool, check_int
+from monai_iaprune.utils.settings import as_bool, check_int, check_number
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
@@ -52,6 +52,8 @@ __all__ = [
     "PatchOutputTransform",
     "SaverPause",
     "check_host_config",
+    "check_overlay_settings",
+    "check_overrides",
     "consistency_handler",
     "evaluate_pruned",
     "evaluator_collector",
@@ -141,6 +143,94 @@ def missing_host_keys(parser: Any, keys: Mapping[str, tuple[str, str]] = HOST_KE
     return problems
 
 
+def _run_overrides() -> tuple[dict[str, Any], Any] | None:
+    """``(override, config_file)`` of the running ``monai.bundle run`` call (None outside one)."""
+    from monai.bundle import scripts
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is scripts.run.__code__:
+                return dict(frame.f_locals.get("override") or {}), frame.f_locals.get("config_file")
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def unknown_overrides(override: Mapping[str, Any], config_files: Any) -> dict[str, list[str]]:
+    """Override ids (``--key value``; nested ``a#b``) that neither ``config_files`` nor the overlay define, each with
+    its closest defined names."""
+    import difflib
+    from importlib import resources
+
+    from monai.bundle import ConfigParser
+
+    defined = [ConfigParser(ConfigParser.load_config_files(config_files))]
+    overlay = Path(str(resources.files("monai_iaprune") / "configs" / "prune_overlay.json"))
+    defined.append(ConfigParser(json.loads(overlay.read_text())))
+    names = sorted({k for p in defined for k in p.get()})
+    out = {}
+    for key in override:
+        ident = str(key).replace("::", "#")
+        if not any(ident in p for p in defined):
+            out[str(key)] = difflib.get_close_matches(ident.split("#")[0], names, n=3)
+    return out
+
+
+def check_overrides(parser: Any = None) -> None:
+    """Raise ValueError naming each command-line override that no config file defines (MONAI would silently add it,
+    so ``--ratoi 0.3`` would run with the default ratio). Outside ``monai.bundle run`` it does nothing."""
+    found = _run_overrides()
+    if not found or not found[0] or found[1] is None:
+        return
+    unknown = unknown_overrides(*found)
+    if unknown:
+        hints = "; ".join(f"--{k}" + (f" (did you mean {', '.join('--' + m for m in v)}?)" if v else "")
+                          for k, v in unknown.items())  # fmt: skip
+        raise ValueError(
+            f"unknown setting(s): {hints}. No config file nor the prune overlay defines them, so they would be "
+            "ignored; check the spelling (the settings are the top-level keys of the config files and the overlay)"
+        )
+
+
+# the overlay's numeric settings: name -> (integer?, minimum, maximum, minimum excluded, maximum excluded, null allowed)
+OVERLAY_RANGES: dict[str, tuple[bool, float | None, float | None, bool, bool, bool]] = {
+    "ratio": (False, 0.0, 1.0, True, True, False),
+    "stages": (True, 1, None, False, False, False),
+    "steps": (True, 1, None, False, False, False),
+    "stage_epochs": (True, 0, None, False, False, False),
+    "finetune_epochs": (True, 0, None, False, False, False),
+    "calibration_batches": (True, 1, None, False, False, True),
+    "relevance_batches": (True, 1, None, False, False, True),
+    "latency_repeats": (True, 1, None, False, False, False),
+    "max_patches": (True, 1, None, False, False, True),
+    "min_blocks_per_stage": (True, 0, None, False, False, False),
+    "speedup": (False, 1.0, None, True, False, True),
+    "finetune_lr": (False, 0.0, None, True, False, True),
+    "depth_ratio": (False, 0.0, 1.0, False, True, False),
+    "explain_weight": (False, 0.0, None, False, False, False),
+    "explain_distill_weight": (False, 0.0, None, False, False, False),
+    "min_agreement": (False, 0.0, 1.0, True, False, True),
+}
+
+
+def check_overlay_settings(parser: Any) -> None:
+    """Raise ValueError naming the first of the overlay's numeric settings (``OVERLAY_RANGES``) that is out of its
+    range, with the accepted range, or a ``patch_mode`` outside ``PATCH_MODES``, before anything is built."""
+    for name, (integer, lo, hi, lo_open, hi_open, nullable) in OVERLAY_RANGES.items():
+        if name not in parser:
+            continue
+        value = parser.get_parsed_content(name)
+        if integer:
+            check_int(value, name, int(lo), allow_none=nullable)
+        else:
+            check_number(value, name, lo, hi, min_open=lo_open, max_open=hi_open, allow_none=nullable)
+    # used only with patches (a SlidingWindowInferer or patch_size), so a misspelling would otherwise pass unnoticed
+    if "patch_mode" in parser and parser.get_parsed_content("patch_mode") not in PATCH_MODES:
+        raise ValueError(f"bad patch_mode {parser['patch_mode']!r}: use one of {list(PATCH_MODES)}")
+
+
 def check_host_config(keys: Mapping[str, tuple[str, str]] = HOST_KEYS) -> None:
     """Raise ``HostConfigError`` (a ``KeyError``) naming each host key the overlay needs but the host bundle lacks (and its override).
 
@@ -151,6 +241,8 @@ def check_host_config(keys: Mapping[str, tuple[str, str]] = HOST_KEYS) -> None:
     parser = active_parser()
     if parser is None:
         return
+    check_overrides(parser)
+    check_overlay_settings(parser)
     problems = missing_host_keys(parser, keys)
     if problems:
         raise HostConfigError(
@@ -170,6 +262,19 @@ def host_savers() -> list[CheckpointSaver]:
     found: list[CheckpointSaver] = []
     for obj in list(parser.ref_resolver.resolved_content.values()):
         if isinstance(obj, CheckpointSaver) and obj not in found:
+            found.append(obj)
+    return found
+
+
+def host_lr_schedulers() -> list[Any]:
+    """Every LR scheduler the running config has instantiated, in config order (saved in the resume file)."""
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    parser = active_parser()
+    found: list[Any] = []
+    for obj in list(parser.ref_resolver.resolved_content.values()) if parser is not None else []:
+        obj = getattr(obj, "lr_scheduler", obj)  # MONAI's LrScheduleHandler holds it
+        if isinstance(obj, (LRScheduler, ReduceLROnPlateau)) and all(obj is not f for f in found):
             found.append(obj)
     return found
 
@@ -573,7 +678,7 @@ def _prune_in_transaction(
     if not resume and resume_file.exists():
         logger.warning(f"starting afresh: the resume file {resume_file} of an earlier run will be replaced "
                        "(pass --resume true to continue that run instead)")  # fmt: skip
-    resumer = PruneResumeHandler(resume_file, pruning_handler, resume, resume_settings)
+    resumer = PruneResumeHandler(resume_file, pruning_handler, resume, resume_settings, host_lr_schedulers())
     report_handler.settings.update(
         finetune_epochs=finetune_epochs,
         stage_epochs=stage_epochs,
@@ -660,6 +765,7 @@ def evaluate_pruned(
     pruned_checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     key_metric: str | Mapping | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Load a pruned checkpoint into the host network (a fresh process is fine) and run the host evaluator.
 
@@ -667,12 +773,39 @@ def evaluate_pruned(
         network: the host's unpruned network (``@network``, built from ``network_def``); reshaped in place.
         evaluator: the host's evaluator on that network.
         pruned_checkpoint: the file the overlay's ``prune`` wrote.
-        output_dir: ``prune_evaluate.json`` (metric name, value, params, checkpoint) is written here (replaced).
+        output_dir: ``prune_evaluate.json`` (metric name, value, params, checkpoint) is written here.
         key_metric: as for ``prune_host_bundle``.
+        overwrite: replace an existing ``prune_evaluate.json`` (``as_bool``); otherwise refuse before any work.
+
+    Note:
+        The file is one output transaction (``OutputTransaction``), as the prune run's outputs: the folder is
+        checked writable and locked before the checkpoint is loaded, the file written under a temporary name and
+        renamed into place at the end (rank 0).
 
     Returns:
         ``{"metric_name", "metric", "params", "pruned_checkpoint"}``.
     """
+    path = Path(output_dir) / "prune_evaluate.json"
+    if not Path(pruned_checkpoint).is_file():
+        raise FileNotFoundError(
+            f"no pruned checkpoint {pruned_checkpoint}: run the overlay's prune first (or set pruned_checkpoint)"
+        )
+    tx = _open_outputs([path], overwrite)
+    try:
+        out = _evaluate(network, evaluator, pruned_checkpoint, key_metric)
+        if tx is not None:
+            text = json.dumps(out, indent=2)
+            atomic_write(tx.temp(path), lambda f: f.write(text.encode()), overwrite=True)
+            tx.commit()
+    finally:
+        if tx is not None:
+            tx.__exit__(None, None, None)
+    return out
+
+
+def _evaluate(
+    network: nn.Module, evaluator: Any, pruned_checkpoint: str | os.PathLike, key_metric: str | Mapping | None
+) -> dict[str, Any]:
     device = next(network.parameters()).device
     load_pruned(pruned_checkpoint, network_def=network, map_location=device)
     name = metric_name(evaluator, key_metric)
@@ -691,9 +824,5 @@ def evaluate_pruned(
         "params": count_params(network),
         "pruned_checkpoint": str(pruned_checkpoint),
     }
-    path = Path(output_dir) / "prune_evaluate.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(out, indent=2)
-    atomic_write(path, lambda f: f.write(text.encode()), overwrite=True)
     logger.info(f"pruned network from {pruned_checkpoint}: {name}={metric:.4f}, params={out['params']}")
     return out

@@ -125,3 +125,50 @@ def test_unreadable_image_names_file(tmp_path):
         except ValueError as e:
             errors.append(str(e))
     assert len(errors) == 1 and str(bad) in errors[0]
+
+
+def test_damaged_files_are_named(tmp_path):
+    """A MedMNIST file with fewer labels than images (zip would pair them silently), a datalist that is not JSON, a
+    volume holding NaN (min-max scaling would turn the whole image into NaN): each error names the file."""
+    rs = np.random.RandomState(0)
+    np.savez(tmp_path / "short.npz", train_images=(rs.rand(6, 8, 8) * 255).astype(np.uint8),
+             train_labels=np.zeros((4, 1), dtype=np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match="short.npz: 6 train images but 4 labels"):
+        data.load_medmnist(tmp_path / "short.npz", "train")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        data.classification_datalist(tmp_path / "broken.json", "train", 3)
+    path = _nifti_datalist(tmp_path, labels=(0, 1, 0))
+    import nibabel as nib
+
+    vol = np.zeros((8, 8, 8), dtype=np.float32)
+    vol[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol_0.nii.gz")
+    with pytest.raises(ValueError, match=r"vol_0.nii.gz holds 1 non-finite value"):
+        data.classification_datalist(path, "train", 3)
+
+
+@pytest.mark.parametrize("max_samples", [0, -1, 1.5])
+def test_max_samples_must_be_a_positive_count(max_samples):
+    """``items[:0]`` kept every item and ``items[:-1]`` all but one, silently."""
+    with pytest.raises(ValueError, match=f"bad max_samples {max_samples!r}"):
+        data.classification_datalist("", "train", 2, num_samples=4, size=8, max_samples=max_samples)
+    assert len(data.classification_datalist("", "train", 2, num_samples=4, size=8, max_samples=3)) == 3
+
+
+@pytest.mark.parametrize("value", [3.0, 0.5, -1.0, float("nan")])
+def test_segmentation_label_values_outside_the_classes_are_refused_naming_the_file(tmp_path, value):
+    """Class 3 with num_classes 2 failed inside the loss's one-hot step naming no file; 0.5 was truncated to 0."""
+    import nibabel as nib
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    lab = np.zeros((8, 8, 8), dtype=np.float32)
+    lab[2:4, 2:4, 2:4] = 1
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "good.nii.gz")
+    lab[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "bad.nii.gz")
+    load = Compose([LoadImaged("label"), EnsureChannelFirstd("label")])
+    check = data.CheckLabelValuesd("label", num_classes=2)
+    check(load({"label": str(tmp_path / "good.nii.gz")}))
+    with pytest.raises(ValueError, match=r"label .*bad.nii.gz holds 1 voxel\(s\) .* not class indices 0..1"):
+        check(load({"label": str(tmp_path / "bad.nii.gz")}))

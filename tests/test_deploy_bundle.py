@@ -105,3 +105,43 @@ def test_exports_inference_and_ckpt_export_on_pruned_model(tmp_path):
     )
     exported = torch.jit.load(str(b / "exported.ts"))
     torch.testing.assert_close(exported(x), ts(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")), reason="needs onnx and onnxruntime"
+)
+def test_monai_onnx_export_command_on_a_pruned_checkpoint(tmp_path):
+    """The README's ``python -m monai.bundle onnx_export`` command: inference.json's network is the pruned
+    structure (load_network), MONAI loads the pruned weights into it and writes an ONNX file equal to eager."""
+    import os
+    import subprocess
+    import sys
+
+    import onnxruntime
+    from monai.networks.nets import DenseNet
+
+    from monai_iaprune import channel_relevance, prune
+    from monai_iaprune.pruning.checkpoint import save_pruned
+
+    b = tmp_path / "b"
+    shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("models", "eval"))
+    (b / "models").mkdir()
+    net = DenseNet(2, 1, 2, init_features=16, growth_rate=8, block_config=(2, 4, 4), bn_size=2)  # train.json
+    prune(net, channel_relevance(net, None, "magnitude"), 0.5, example_inputs=torch.randn(1, 1, 16, 16))
+    save_pruned(net.eval(), b / "models" / "model_pruned.pt")
+    cmd = [sys.executable, "-m", "monai.bundle", "onnx_export", "network", "--filepath", "models/model_pruned.onnx",
+           "--ckpt_file", "models/model_pruned.pt", "--key_in_ckpt", "state_dict",
+           "--meta_file", "configs/metadata.json",
+           "--config_file", "['configs/train.json','configs/inference.json']",
+           "--eval_checkpoint", "models/model_pruned.pt", "--use_trace", "true", "--input_shape", "[1, 1, 16, 16]",
+           "--image_size", "16"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=b, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    x = torch.rand(1, 1, 16, 16)
+    sess = onnxruntime.InferenceSession(
+        str(b / "models" / "model_pruned.onnx"), providers=["CPUExecutionProvider"]
+    )
+    got = torch.as_tensor(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(x), atol=1e-4, rtol=1e-4)

@@ -215,3 +215,81 @@ def test_failing_final_export_leaves_no_report_and_no_temps(tmp_path, monkeypatc
     # no checkpoint, no temporary file, no lock; the resume file stays so that --resume true can finish the run
     assert names == ["model.pt", "resume.pt"], names
     assert not (b / "eval").exists() or sorted(p.name for p in (b / "eval").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# evaluate_pruned: prune_evaluate.json is an output transaction too
+# ------------------------------------------------------------------------------------------------------------------
+def _evaluator_and_checkpoint(tmp_path: Path):
+    from monai.engines import SupervisedEvaluator
+    from monai.networks.nets import DenseNet
+
+    from monai_iaprune import channel_relevance, prune
+    from monai_iaprune.pruning.checkpoint import save_pruned
+
+    def net():
+        return DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(1, 1), bn_size=2)
+
+    pruned = net()
+    prune(pruned, channel_relevance(pruned, None, "magnitude"), 0.4, example_inputs=torch.randn(1, 1, 16, 16))
+    save_pruned(pruned, tmp_path / "model_pruned.pt")
+    host = net()
+    data = [{"image": torch.randn(2, 1, 16, 16), "label": torch.tensor([0, 1])}]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=data, network=host, key_val_metric=None
+    )
+    return host, evaluator, tmp_path / "model_pruned.pt"
+
+
+def test_evaluate_pruned_refuses_replacing_its_output_and_locks(tmp_path, monkeypatch):
+    from monai_iaprune import host_bundle
+
+    monkeypatch.setattr(host_bundle, "metric_name", lambda evaluator, key: "acc")
+    host, evaluator, ckpt = _evaluator_and_checkpoint(tmp_path)
+    evaluator.state.metrics = {}
+
+    def run_with_metric():
+        evaluator.state.metrics["acc"] = 0.5
+
+    monkeypatch.setattr(evaluator, "run", run_with_metric)
+    out = tmp_path / "eval"
+    result = host_bundle.evaluate_pruned(host, evaluator, ckpt, out)
+    written = out / "prune_evaluate.json"
+    assert (
+        result["metric"] == 0.5
+        and written.is_file()
+        and sorted(p.name for p in out.iterdir()) == [written.name]
+    )
+
+    written.write_text('{"keep": "me"}')
+    with pytest.raises(FileExistsError, match="prune_evaluate.json"):
+        host_bundle.evaluate_pruned(host, evaluator, ckpt, out)
+    with pytest.raises(FileExistsError):
+        host_bundle.evaluate_pruned(host, evaluator, ckpt, out, overwrite="false")
+    assert written.read_text() == '{"keep": "me"}'
+
+    import json
+    import socket
+
+    from monai_iaprune.utils.outputs import OutputLockedError
+
+    # another live run (the parent process) holds the folder
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "start": 0}))
+    with pytest.raises(OutputLockedError, match=f"pid {os.getppid()}"):
+        host_bundle.evaluate_pruned(host, evaluator, ckpt, out, overwrite=True)
+    assert written.read_text() == '{"keep": "me"}'
+
+
+def test_evaluate_pruned_overwrite_replaces_through_a_temp_file(tmp_path, monkeypatch):
+    from monai_iaprune import host_bundle
+
+    host, evaluator, ckpt = _evaluator_and_checkpoint(tmp_path)
+    monkeypatch.setattr(host_bundle, "metric_name", lambda evaluator, key: "acc")
+    monkeypatch.setattr(evaluator, "run", lambda: evaluator.state.metrics.__setitem__("acc", 0.25))
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "prune_evaluate.json").write_text("old")
+    (out / ".prune_evaluate.json.999.dead.tmp").write_text("left by a killed run")
+    host_bundle.evaluate_pruned(host, evaluator, ckpt, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["prune_evaluate.json"]
+    assert '"metric": 0.25' in (out / "prune_evaluate.json").read_text()

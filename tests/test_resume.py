@@ -104,9 +104,12 @@ def test_resume_without_resume_file_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # the handler alone, in process: a trainer that crashes in stage 3 and a new one that resumes
 # ------------------------------------------------------------------------------------------------------------------
-def _handler_run(resume_file: Path, resume: bool = False, crash_before_stage: int | None = None):
+def _handler_run(
+    resume_file: Path, resume: bool = False, crash_before_stage: int | None = None, scheduler: bool = False
+):
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
+    from monai.handlers import LrScheduleHandler
     from test_handlers import tiny_resnet18
 
     from monai_iaprune.handlers import PruneResumeHandler, RelevancePruningHandler
@@ -122,7 +125,15 @@ def _handler_run(resume_file: Path, resume: bool = False, crash_before_stage: in
     handler = RelevancePruningHandler(
         method="taylor", ratio=0.6, stages=3, prune_epochs=[0, 1, 2], max_batches=2
     )
-    resumer = PruneResumeHandler(resume_file, handler, resume=resume, settings={"ratio": 0.6})
+    # a closed-form schedule of the epoch count: a scheduler restarted at epoch 0 gives another LR
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5**e) if scheduler else None
+    resumer = PruneResumeHandler(
+        resume_file,
+        handler,
+        resume=resume,
+        settings={"ratio": 0.6},
+        lr_schedulers=[lr_scheduler] if scheduler else [],
+    )
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=4,
@@ -130,6 +141,7 @@ def _handler_run(resume_file: Path, resume: bool = False, crash_before_stage: in
         network=net,
         optimizer=opt,
         loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[LrScheduleHandler(lr_scheduler, print_lr=False)] if scheduler else None,
     )
     if crash_before_stage is not None:
 
@@ -143,7 +155,7 @@ def _handler_run(resume_file: Path, resume: bool = False, crash_before_stage: in
     if resume:
         trainer.state.epoch, trainer.state.iteration = resumer.trainer_state()
     trainer.run()
-    return net, handler
+    return (net, handler, trainer.optimizer) if scheduler else (net, handler)
 
 
 def test_handler_resume_matches_an_uninterrupted_run(tmp_path):
@@ -163,3 +175,27 @@ def test_handler_resume_matches_an_uninterrupted_run(tmp_path):
         from monai_iaprune.handlers import PruneResumeHandler
 
         PruneResumeHandler(resume, handler, resume=True, settings={"ratio": 0.5})
+
+
+def test_resume_continues_the_lr_schedule(tmp_path):
+    """resume.pt holds the LR scheduler's state: the resumed run ends at the uninterrupted run's learning rate."""
+    _, _, full_opt = _handler_run(tmp_path / "a" / "resume.pt", scheduler=True)
+    resume = tmp_path / "b" / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _handler_run(resume, crash_before_stage=3, scheduler=True)
+    saved = safe_load(resume)
+    assert saved["lr_schedulers"][0]["last_epoch"] == saved["epoch"] == 1  # saved when epoch 2 started
+    _, _, resumed_opt = _handler_run(resume, resume=True, scheduler=True)
+    expected = 1e-2 * 0.5**4  # four epochs of LambdaLR(0.5 ** epoch)
+    assert full_opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert resumed_opt.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_resume_refuses_a_different_number_of_lr_schedulers(tmp_path):
+    from monai_iaprune.handlers import PruneResumeHandler
+
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _handler_run(resume, crash_before_stage=3, scheduler=True)
+    with pytest.raises(ValueError, match="holds 1 LR scheduler state"):
+        PruneResumeHandler(resume, None, resume=True, settings={"ratio": 0.6})

@@ -96,3 +96,15 @@ def test_extra_that_a_safe_load_would_refuse_is_rejected_at_save(tmp_path: Path)
     with pytest.raises(TypeError, match=r"extra\['when'\]"):
         save_pruned(net, tmp_path / "p.pt", extra={"when": object()})
     assert not (tmp_path / "p.pt").exists()
+
+
+def test_pruned_checkpoint_of_another_network_names_the_file(tmp_path: Path):
+    from monai.networks.nets import resnet10
+
+    x = torch.randn(1, 1, 16, 16)
+    save_pruned(_pruned(_tiny_densenet(), x), tmp_path / "pruned.pt")
+    other = resnet10(spatial_dims=2, n_input_channels=1, num_classes=2, widen_factor=0.25)
+    with pytest.raises(
+        ValueError, match=r"pruned checkpoint '.*pruned.pt' does not fit network_def: .*ResNet"
+    ):
+        load_pruned(tmp_path / "pruned.pt", network_def=other)

@@ -142,3 +142,159 @@ def test_a_registered_criterion_runs_through_the_bundle(tmp_path):
     assert report["method"] == "toy" and report["params_after"] < report["params_before"]
     assert "expl_spearman" not in report and "explanations_heatmaps.png" not in " ".join(report["figures"])
     assert (b / "models" / "model_pruned.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# numeric range audit (issue #13): every numeric setting is checked, the message names it and the accepted range
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "kwargs", "fragment"),
+    [(0, {"minimum": 0, "min_open": True}, "> 0"), (float("nan"), {}, "any finite"), (True, {}, "any finite"),
+     ("1", {}, "any finite"), (1.0, {"minimum": 0, "maximum": 1, "max_open": True}, "[0, 1)"),
+     (-1, {"minimum": 0}, ">= 0"), (None, {}, "any finite")],
+)  # fmt: skip
+def test_check_number_refuses_naming_the_range(value, kwargs, fragment):
+    from monai_iaprune.utils.settings import check_number
+
+    with pytest.raises(ValueError) as info:
+        check_number(value, "lr", **kwargs)
+    assert str(info.value).startswith(f"bad lr {value!r}: need a number") and fragment in str(info.value)
+    assert check_number(0.5, "lr", 0, 1) == 0.5 and check_number(None, "lr", allow_none=True) is None
+
+
+def _overlay_parser(**overrides):
+    from monai.bundle import ConfigParser
+
+    from monai_iaprune.overlay import overlay_path
+
+    parser = ConfigParser(json.loads(overlay_path().read_text()))
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [("ratio", 0, "(0, 1)"), ("ratio", 1.5, "(0, 1)"), ("stages", 0, ">= 1"), ("steps", 0, ">= 1"),
+     ("stage_epochs", -1, ">= 0"), ("finetune_epochs", -1, ">= 0"), ("calibration_batches", 0, ">= 1 or null"),
+     ("relevance_batches", 0, ">= 1 or null"), ("latency_repeats", 0, ">= 1"), ("max_patches", 0, ">= 1 or null"),
+     ("min_blocks_per_stage", -1, ">= 0"), ("speedup", 1.0, "> 1 or null"), ("finetune_lr", 0, "> 0 or null"),
+     ("depth_ratio", 1.0, "[0, 1)"), ("explain_weight", -1, ">= 0"), ("explain_distill_weight", -0.5, ">= 0"),
+     ("min_agreement", 0, "(0, 1] or null"), ("stages", 1.5, ">= 1"), ("finetune_lr", "fast", "> 0")],
+)  # fmt: skip
+def test_overlay_numeric_settings_are_range_checked(name, value, accepted):
+    from monai_iaprune.host_bundle import OVERLAY_RANGES, check_overlay_settings
+
+    assert name in OVERLAY_RANGES
+    check_overlay_settings(_overlay_parser())  # the defaults pass
+    with pytest.raises(ValueError, match=f"bad {name} {value!r}") as info:
+        check_overlay_settings(_overlay_parser(**{name: value}))
+    assert accepted in str(info.value)
+
+
+def test_overlay_patch_mode_is_checked_although_unused():
+    from monai_iaprune.host_bundle import check_overlay_settings
+
+    with pytest.raises(ValueError, match="bad patch_mode 'weird'.*foreground"):
+        check_overlay_settings(_overlay_parser(patch_mode="weird"))
+
+
+def test_unknown_command_line_overrides_are_named_with_close_matches():
+    from monai_iaprune.host_bundle import unknown_overrides
+
+    configs = [str(BUNDLE / "configs" / c) for c in ("train.json", "prune.json")]
+    found = unknown_overrides(
+        {
+            "ratoi": 0.3,
+            "ratio": 0.3,
+            "train#trainer#max_epochs": 2,
+            "train#trainer#max_epoch": 2,
+            "resume": 1,
+        },
+        configs,
+    )
+    assert set(found) == {"ratoi", "train#trainer#max_epoch"} and "ratio" in found["ratoi"]
+
+
+def test_misspelt_override_stops_the_bundle_before_any_work(tmp_path):
+    from monai.bundle import run
+
+    b = _copy(tmp_path)
+    with pytest.raises(Exception) as info:
+        run("prune", config_file=[str(b / "configs" / c) for c in ("train.json", "prune.json")],
+            bundle_root=str(b), ratoi=0.3, **TINY)  # fmt: skip
+    assert "unknown setting(s): --ratoi (did you mean --ratio" in _chain(info.value)
+    assert not (b / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"round_to": 0}, "bad round_to 0"), ({"round_to": 2.5}, "bad round_to 2.5"),
+     ({"tolerance": -0.1}, r"bad tolerance -0.1: need a number \[0, 1\)"),
+     ({"max_layer_ratio": 1.5}, r"bad max_layer_ratio 1.5: need a number \(0, 1\)")],
+)  # fmt: skip
+def test_prune_options_are_range_checked(kwargs, message):
+    from monai.networks.nets import DenseNet
+
+    from monai_iaprune import channel_relevance, prune
+
+    net = DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(1, 1), bn_size=2)
+    rel = channel_relevance(net, None, "magnitude")
+    with pytest.raises(ValueError, match=message):
+        prune(net, rel, 0.5, example_inputs=torch.randn(1, 1, 16, 16), **kwargs)
+    with pytest.raises(ValueError, match="relevance is empty"):
+        prune(net, {}, 0.5, example_inputs=torch.randn(1, 1, 16, 16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [({"prune_kwargs": {"nonsense": 1}}, ValueError, r"bad prune_kwargs: \['nonsense'\] are not settings"),
+     ({"prune_kwargs": {"round_to": 0}}, ValueError, "bad round_to 0"),
+     ({"method": "ig", "relevance_kwargs": {"n_stepz": 4}}, ValueError, r"takes no setting\(s\) \['n_stepz'\]"),
+     ({"collector": "not a collector"}, TypeError, "collector must be a RelevanceCollector")],
+)  # fmt: skip
+def test_handler_checks_its_keyword_dicts_when_built(kwargs, error, message):
+    from monai_iaprune.handlers import RelevancePruningHandler
+
+    with pytest.raises(error, match=message):
+        RelevancePruningHandler(**kwargs)
+
+
+def test_report_handler_latency_and_relevance_max_batches_are_range_checked():
+    from monai.engines import SupervisedEvaluator
+    from monai.networks.nets import DenseNet
+
+    from monai_iaprune import channel_relevance
+    from monai_iaprune.handlers import PruneReportHandler, RelevanceCollector
+
+    net = DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(1, 1), bn_size=2)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[], network=net)
+    for kw, msg in (
+        ({"latency_repeats": 0}, "bad latency_repeats 0"),
+        ({"latency_warmup": -1}, "bad latency_warmup -1"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            PruneReportHandler(evaluator, "out", torch.zeros(1, 1, 16, 16), **kw)
+    with pytest.raises(ValueError, match="bad max_batches 0"):
+        channel_relevance(net, [torch.zeros(1, 1, 16, 16)], "taylor", max_batches=0)
+    with pytest.raises(ValueError, match=r"takes no setting\(s\) \['bogus'\]"):
+        RelevanceCollector("taylor", relevance_kwargs={"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("explain_kwargs", "message"),
+    [({"bogus": 1}, r"explain_kwargs \['bogus'\] are not settings of explanation_report"),
+     ({"n_images": 0}, "bad explain_kwargs n_images 0"), ({"max_samples": -1}, "bad explain_kwargs max_samples -1"),
+     ({"n_steps": 0}, "bad explain_kwargs n_steps 0"), ({"steps": 0}, "bad explain_kwargs steps 0")],
+)  # fmt: skip
+def test_report_explain_kwargs_are_checked_when_built(explain_kwargs, message):
+    """explanation_report runs after the last epoch: a misspelt or zero setting there cost the whole run."""
+    from monai.engines import SupervisedEvaluator
+    from monai.networks.nets import DenseNet
+
+    from monai_iaprune.handlers import PruneReportHandler
+
+    net = DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(1, 1), bn_size=2)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[], network=net)
+    with pytest.raises(ValueError, match=message):
+        PruneReportHandler(evaluator, "out", torch.zeros(1, 1, 16, 16), explain_kwargs=explain_kwargs)

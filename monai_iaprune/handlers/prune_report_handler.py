@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_iaprune.relevance.registry import input_map_methods
 from monai_iaprune.report.prune_report import Measurement, PruneReport, write_prune_report
 from monai_iaprune.utils.ddp import rank, unwrap_network
-from monai_iaprune.utils.settings import as_bool
+from monai_iaprune.utils.settings import as_bool, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -109,12 +110,26 @@ class PruneReportHandler:
             raise TypeError("example_inputs is None and there is no pruning_handler to take the example from")
         if example_inputs is not None and not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
+        check_int(latency_warmup, "latency_warmup", 0)
+        check_int(latency_repeats, "latency_repeats", 1)
         if explain_method not in input_map_methods():
             raise ValueError(f"unknown explain_method {explain_method!r}; use one of {input_map_methods()}")
         explain_kwargs = dict(explain_kwargs or {})
         clash = [k for k in _EXPLAIN_RESERVED if k in explain_kwargs]
         if clash:
             raise ValueError(f"explain_kwargs may not set {clash}: the handler passes them itself")
+        # checked now: explanation_report runs after the last fine-tuning epoch, where a typo would cost the run
+        from monai_iaprune.report.explanations import explanation_report
+
+        accepted = [k for k in inspect.signature(explanation_report).parameters if k not in _EXPLAIN_RESERVED]
+        unknown = sorted(k for k in explain_kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"explain_kwargs {unknown} are not settings of explanation_report; it accepts {accepted}"
+            )
+        for key in ("n_images", "max_samples", "n_steps", "steps"):
+            if key in explain_kwargs:
+                check_int(explain_kwargs[key], f"explain_kwargs {key}", 1)
         if not figures_dir or Path(figures_dir).is_absolute():
             raise ValueError(f"figures_dir must be a relative sub-folder of output_dir, got {figures_dir!r}")
         self.evaluator = evaluator

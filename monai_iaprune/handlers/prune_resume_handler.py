@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,20 +69,23 @@ class PruneResumeHandler:
 
     The file (written atomically, plain data only: it loads with ``weights_only=True``) holds the network's
     ``state_dict``, the pruning handler's ``state_dict()`` (stages done + ``pruned_structure``), the optimizer's
-    ``state_dict``, the trainer's epoch and iteration, the torch / numpy / Python RNG states and those of the
-    training data's random transforms, and ``settings`` (checked to match on restore).
+    ``state_dict``, the ``state_dict`` of every LR scheduler in ``lr_schedulers`` (so the resumed run continues the
+    same learning-rate schedule), the trainer's epoch and iteration, the torch / numpy / Python RNG states and those
+    of the training data's random transforms, and ``settings`` (checked to match on restore).
 
     Args:
         path: the resume file, e.g. ``models/pruned/resume.pt``.
         pruning_handler: the ``RelevancePruningHandler`` of the same trainer.
         resume: restore ``path`` when the trainer starts (``as_bool``); the file must exist.
         settings: plain values that must be equal on restore (method, ratio, stages, host checkpoint hash, ...).
+        lr_schedulers: the trainer's learning-rate schedulers (e.g. the one an ``LrScheduleHandler`` steps), in a
+            stable order; their states are saved and restored (the same number must be given on restore).
 
     Note:
         Attach it after a ``PruneReportHandler`` (which measures the unpruned network when the trainer starts) and
         before the ``RelevancePruningHandler`` (whose stage at epoch 0 is skipped when the restored history holds
         it). Set ``trainer.state.epoch`` / ``iteration`` to ``trainer_state()`` before ``trainer.run()`` so ignite
-        continues from there. Only rank 0 writes; every rank restores the same file. LR schedulers are not saved.
+        continues from there. Only rank 0 writes; every rank restores the same file.
     """
 
     def __init__(
@@ -90,8 +94,13 @@ class PruneResumeHandler:
         pruning_handler: Any,
         resume: bool = False,
         settings: dict[str, Any] | None = None,
+        lr_schedulers: Sequence[Any] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.lr_schedulers = list(lr_schedulers or [])
+        for s in self.lr_schedulers:
+            if not (hasattr(s, "state_dict") and hasattr(s, "load_state_dict")):
+                raise TypeError(f"lr_schedulers: {type(s).__name__} has no state_dict / load_state_dict")
         self.pruning_handler = pruning_handler
         self.resume = as_bool(resume, "resume")
         self.settings = dict(settings or {})
@@ -121,6 +130,12 @@ class PruneResumeHandler:
             raise ValueError(
                 f"resume file {self.path} was written with other settings {{name: (then, now)}} {differ}; "
                 "rerun with the same settings or without --resume true"
+            )
+        saved = state.get("lr_schedulers", [])
+        if len(saved) != len(self.lr_schedulers):
+            raise ValueError(
+                f"resume file {self.path} holds {len(saved)} LR scheduler state(s) but this run has "
+                f"{len(self.lr_schedulers)}; rerun with the same trainer configuration or without --resume true"
             )
         return state
 
@@ -155,6 +170,7 @@ class PruneResumeHandler:
             "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
             "pruning": self.pruning_handler.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "lr_schedulers": [s.state_dict() for s in self.lr_schedulers],
             "rng": self._rng_state(engine),
         }
         atomic_write(self.path, lambda f: torch.save(state, f), overwrite=True)
@@ -183,6 +199,8 @@ class PruneResumeHandler:
                 )
                 optimizer.load_state_dict(state["optimizer"])
                 engine.optimizer = optimizer
+        for scheduler, scheduler_state in zip(self.lr_schedulers, state.get("lr_schedulers", [])):
+            scheduler.load_state_dict(scheduler_state)
         self._set_rng_state(engine, state["rng"])
         engine.state.pruning = self.pruning_handler.history
         self.logger.info(

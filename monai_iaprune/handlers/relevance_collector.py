@@ -95,6 +95,7 @@ class RelevanceCollector:
             )
         if relevance_kwargs is not None and not isinstance(relevance_kwargs, dict):
             raise TypeError(f"relevance_kwargs must be a dict, got {type(relevance_kwargs).__name__}")
+        get_method(method).check_settings(relevance_kwargs or {})
         if not callable(output_transform):
             raise TypeError(f"output_transform must be callable but is {type(output_transform).__name__}.")
         self.method = method

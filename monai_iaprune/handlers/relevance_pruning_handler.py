@@ -18,7 +18,7 @@ from monai_iaprune.pruning.checkpoint import apply_pruned_structure, pruned_stru
 from monai_iaprune.pruning.depth import DepthPruneResult, prune_depth
 from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency_table
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
-from monai_iaprune.pruning.prune import PruneResult, prune
+from monai_iaprune.pruning.prune import PruneResult, check_prune_kwargs, prune
 from monai_iaprune.relevance.blocks import (
     BLOCK_METHODS,
     block_relevance,
@@ -178,6 +178,8 @@ class RelevancePruningHandler:
         depth_method: str | None = None,
         min_blocks_per_stage: int = 1,
     ) -> None:
+        if collector is not None and not isinstance(collector, RelevanceCollector):
+            raise TypeError(f"collector must be a RelevanceCollector, got {type(collector).__name__}")
         if collector is None:
             get_method(method)  # raises for an unknown name, listing the registered ones
         check_ratio(ratio)
@@ -244,14 +246,18 @@ class RelevancePruningHandler:
             )
         if any(e < 0 for e in prune_epochs) or any(b <= a for a, b in zip(prune_epochs, prune_epochs[1:])):
             raise ValueError(f"prune_epochs {prune_epochs} must be strictly increasing integers >= 0")
-        if collector is not None and not isinstance(collector, RelevanceCollector):
-            raise TypeError(f"collector must be a RelevanceCollector, got {type(collector).__name__}")
         clash = [k for k in _RESERVED_PRUNE_KWARGS if k in prune_kwargs]
         if clash:
             raise ValueError(
                 f"prune_kwargs may not set {clash}: they are this handler's own arguments or computed per stage"
                 " (use prune_target, speedup, cost_aware)"
             )
+        try:
+            check_prune_kwargs(prune_kwargs, reserved=(*_RESERVED_PRUNE_KWARGS, "target"))
+        except ValueError as e:
+            raise ValueError(f"bad prune_kwargs: {e}") from e
+        if collector is None:
+            get_method(method).check_settings(relevance_kwargs or {})
         if key_metric is not None and evaluator is None:
             raise ValueError(f"key_metric={key_metric!r} needs an evaluator to compute it")
         check_int(max_batches, "max_batches", allow_none=True)

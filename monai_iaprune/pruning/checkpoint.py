@@ -298,8 +298,11 @@ def load_pruned(
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a pruned checkpoint")
     state_dict, structure, _ = _find_structure(ckpt, network_key)
-    apply_pruned_structure(network_def, structure)
-    network_def.load_state_dict(state_dict, strict=strict)
+    try:
+        apply_pruned_structure(network_def, structure)
+        network_def.load_state_dict(state_dict, strict=strict)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"pruned checkpoint {str(path)!r} does not fit network_def: {e}") from e
     return network_def.to(map_location).eval()
 
 

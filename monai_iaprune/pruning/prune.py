@@ -19,6 +19,7 @@ from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 from monai_iaprune.relevance.registry import METHODS
+from monai_iaprune.utils.settings import check_int, check_number
 
 TARGETS = ("params", "macs", "channels", "latency")
 
@@ -144,6 +145,23 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
         if isinstance(m, PRUNABLE_TYPES) and dep.handler.__name__ == "prune_out_channels" and m not in found:
             found.append(m)
     return found
+
+
+def check_prune_kwargs(kwargs: Mapping[str, Any], reserved: Iterable[str] = ()) -> None:
+    """Raise ValueError for a key of ``kwargs`` that is no ``prune`` setting (or is ``reserved``), listing the
+    accepted ones, or for a ``max_layer_ratio`` / ``round_to`` / ``tolerance`` out of its range."""
+    import inspect
+
+    accepted = [p for p in inspect.signature(prune).parameters if p not in ("model", "relevance", *reserved)]
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(f"{unknown} are not settings of monai_iaprune.prune here; it accepts {accepted}")
+    if "max_layer_ratio" in kwargs:
+        check_number(kwargs["max_layer_ratio"], "max_layer_ratio", 0.0, 1.0, min_open=True, max_open=True)
+    if "round_to" in kwargs:
+        check_int(kwargs["round_to"], "round_to", 1, allow_none=True)
+    if "tolerance" in kwargs:
+        check_number(kwargs["tolerance"], "tolerance", 0.0, 1.0, max_open=True)
 
 
 def _validate_ratio(ratio: float) -> None:
@@ -362,8 +380,11 @@ def prune(
     if cost_aware and target == "channels":
         raise ValueError("cost_aware needs a params, macs or latency budget, not target='channels'")
     normalizer = resolve_normalizer(normalizer, relevance, "params" if cost_aware else target)
-    if not 0.0 < max_layer_ratio < 1.0:
-        raise ValueError(f"max_layer_ratio must lie strictly between 0 and 1, got {max_layer_ratio}")
+    check_prune_kwargs({"max_layer_ratio": max_layer_ratio, "round_to": round_to, "tolerance": tolerance})
+    if not relevance:
+        raise ValueError(
+            "relevance is empty: no layer has scores to rank (channel_relevance found no layer?)"
+        )
     if example_inputs is None:
         example_inputs = getattr(relevance, "example_input", None)
         if example_inputs is None:

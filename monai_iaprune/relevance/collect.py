@@ -14,6 +14,7 @@ from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels, prunabl
 from monai_iaprune.relevance.registry import get_method
 from monai_iaprune.relevance.targets import TargetSpec, target_selection
 from monai_iaprune.utils.batch import FirstOutput, check_input_dims, input_batches, model_device, split_batch
+from monai_iaprune.utils.settings import check_int
 
 
 class ChannelRelevance(dict):
@@ -95,6 +96,7 @@ def channel_relevance(
     """
     spec = get_method(method)
     spec.check_settings(method_kwargs)
+    check_int(max_batches, "max_batches", allow_none=True)
     chosen = prunable_layers(model, layers)
     if not chosen:
         raise ValueError(f"{type(model).__name__} has no conv / linear layer to score")

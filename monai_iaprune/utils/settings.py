@@ -6,9 +6,10 @@ true; every boolean setting goes through ``as_bool``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["as_bool", "check_int", "check_ratio"]
+__all__ = ["as_bool", "check_int", "check_number", "check_ratio"]
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -51,3 +52,42 @@ def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False)
             f"bad {name} {value!r}: need an integer >= {minimum}" + (" or null" if allow_none else "")
         )
     return value
+
+
+def _range_text(minimum: float | None, maximum: float | None, min_open: bool, max_open: bool) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{'(' if min_open else '['}{minimum:g}, {maximum:g}{')' if max_open else ']'}"
+    if minimum is not None:
+        return f"{'>' if min_open else '>='} {minimum:g}"
+    return f"{'<' if max_open else '<='} {maximum:g}" if maximum is not None else "any finite number"
+
+
+def check_number(
+    value: Any,
+    name: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    min_open: bool = False,
+    max_open: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """``value`` as a finite float within ``[minimum, maximum]`` (``min_open`` / ``max_open`` exclude the ends).
+
+    Raises:
+        ValueError: a bool, a non-number, NaN / Inf or a value out of range; the message names the setting and the
+            accepted range.
+    """
+    if value is None and allow_none:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    if ok and minimum is not None:
+        ok = value > minimum if min_open else value >= minimum
+    if ok and maximum is not None:
+        ok = value < maximum if max_open else value <= maximum
+    if not ok:
+        accepted = _range_text(minimum, maximum, min_open, max_open)
+        raise ValueError(
+            f"bad {name} {value!r}: need a number {accepted}" + (" or null" if allow_none else "")
+        )
+    return float(value)
