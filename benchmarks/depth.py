@@ -443,18 +443,23 @@ def phase_latency(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- report
 
 
+SPEED = {"measured": "speedup_measured", "estimated": "speedup_estimated"}
+SPEED_KIND = [
+    "estimated"
+]  # set by the report: "measured" once every row with an accuracy has a measured speed-up
+
+
 def _speed(r: dict[str, str]) -> tuple[float, str]:
-    """Measured speed-up when the latency phase ran, else the table estimate (MACs speed-up without a table)."""
-    for col, what in (("speedup_measured", "measured"), ("speedup_estimated", "estimated")):
-        v = _float(r[col])
-        if math.isfinite(v) and v > 0:
-            return v, what
-    return 1.0 / _float(r["macs_ratio"]), "MACs"
+    """The report's speed-up kind for every row (one kind for all: measured and estimated never mix)."""
+    v = _float(r[SPEED[SPEED_KIND[0]]])
+    return (v, SPEED_KIND[0]) if math.isfinite(v) and v > 0 else (float("nan"), SPEED_KIND[0])
 
 
 def acc_at(rows: list[dict], speed: float, col: str) -> tuple[float, str]:
     """ACC at ``speed`` interpolated along the rows' (speed-up, ACC) points (seed-mean per budget);
     outside the points' range: nan with the reason."""
+    if rows and all(r["note"].startswith("unreachable") for r in rows):
+        return float("nan"), "unreachable"
     by_b: dict[tuple, list] = {}
     for r in rows:
         if _float(r[col]) == _float(r[col]):
@@ -577,6 +582,10 @@ def phase_report(args: argparse.Namespace) -> str:
     med = [r for r in rows if r["dataset"] in DATASETS]
     n3d = [r for r in rows if r["dataset"] not in DATASETS]
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in med)]
+    timed = [r for r in med if r["acc_pruned"]]
+    SPEED_KIND[0] = (
+        "measured" if timed and all(_float(r["speedup_measured"]) > 0 for r in timed) else "estimated"
+    )
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in med)]
     va, da = verdict(med, datasets, methods, args.speed)
     vb, db = nets3d_table(n3d)
@@ -611,6 +620,10 @@ def phase_report(args: argparse.Namespace) -> str:
         "Plots (test ACC vs CPU speed-up per mode): " + ", ".join(f"`benchmarks/results/{f}`" for f in files) + ".",
     ])  # fmt: skip
     (args.out / "depth.md").write_text(md + "\n")
+    if args.out.resolve() == RESULTS.resolve():
+        from mdsections import update_section
+
+        update_section("depth", md)
     print(md)
     return md
 
