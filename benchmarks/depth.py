@@ -630,7 +630,9 @@ def phase_report(args: argparse.Namespace) -> str:
         "Width = channels (`prune_step`, one-shot, the rows of `budget.csv` where they exist); depth = whole residual "
         "blocks (`block_relevance` with the same criterion -> `prune_depth`, one block per stage kept); both = depth to "
         "half the budget in log space, then width to the total. BatchNorm re-estimated after each step; fine-tune = "
-        "the dataset's short fine-tune (budget.py's). Rows per dataset and seed below the full grid: "
+        "the dataset's short fine-tune (budget.py's). Estimated speed-ups come from the base model's per-layer latency "
+        "table (layers of removed blocks cost 0 s; their norms / activations stay in the constant overhead, so depth's "
+        "estimate is low). Rows per dataset and seed below the full grid: "
         + ("; ".join(missing) or "none") + ". Budgets a mode cannot reach (row with the reachable figure in `note`): "
         + ("; ".join(unreached) or "none") + ".",
         f"### Equal CPU latency ({args.speed:g}x), MedMNIST\n\n" + va,
