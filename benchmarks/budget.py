@@ -123,14 +123,14 @@ LATENCY_COLUMNS = [
 # ---------------------------------------------------------------------------------------------- CSV
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path, columns: Sequence[str] = COLUMNS) -> list[dict[str, str]]:
     if not path.exists():
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f, restval=""))
     for r in rows:
         r.pop(None, None)
-        for k in COLUMNS:
+        for k in columns:
             r.setdefault(k, "")
     return rows
 
@@ -139,12 +139,12 @@ def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_rows(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> None:
     """Rewrite the whole CSV atomically (the latency phase fills columns in place)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
             w.writeheader()
             w.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
         os.replace(tmp, path)
@@ -154,11 +154,11 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         raise
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
+def append_row(path: Path, row: dict[str, Any], columns: Sequence[str] = COLUMNS) -> None:
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
         if new:
             w.writeheader()
         w.writerow({k: _fmt(v) for k, v in row.items()})

@@ -1,4 +1,4 @@
-"""Depth pruning: block discovery, block relevance (oracle, LRP conservation), physical removal, errors."""
+"""Depth pruning: block discovery, block relevance (oracle, LRP / DLB conservation), physical removal, errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from monai_iaprune.pruning.depth import prune_depth, removed_block_names, replay
 from monai_iaprune.relevance.blocks import (
     RemovedBlock,
     block_relevance,
+    block_terms,
     find_blocks,
-    lrp_block_terms,
     removable_blocks,
 )
 
@@ -186,7 +186,7 @@ def test_oracle_zero_branch(family, builder, sd, cin, size, min_blocks):
     with torch.no_grad():
         for p in net.get_submodule(name).parameters():
             p.zero_()
-    methods = ["lrp", "taylor", "ig", "magnitude"]
+    methods = ["lrp", "dlb", "taylor", "ig", "magnitude"]
     if family == "swin":
         methods = ["taylor", "magnitude"]  # keep the CPU test short; LRP on Swin is covered by conservation
     for method in methods:
@@ -202,19 +202,24 @@ def test_oracle_zero_branch(family, builder, sd, cin, size, min_blocks):
     assert torch.allclose(_first(net(x)), before, atol=1e-5, rtol=1e-4)
 
 
+# DL-Backtrace has no rule for SwinUNETR's functional layer_norm (relevance.backtrace raises; not a depth matter)
+CONSERVATION = [
+    (m, *c) for m in ("lrp", "dlb") for c in CASES if c[2] == 2 and not (m == "dlb" and c[0] == "swin")
+]
+
+
 @pytest.mark.parametrize(
-    "family,builder,sd,cin,size,min_blocks",
-    [c for c in CASES if c[2] == 2],
-    ids=[i for i in IDS if "2d" in i],
+    "method,family,builder,sd,cin,size,min_blocks", CONSERVATION, ids=[f"{c[0]}-{c[1]}" for c in CONSERVATION]
 )
-def test_lrp_conservation_at_joins(family, builder, sd, cin, size, min_blocks):
-    """LRP: branch + skip relevance equals the join's relevance, and the last join's equals the block output's."""
+def test_conservation_at_joins(method, family, builder, sd, cin, size, min_blocks):
+    """LRP / DLB: branch + skip relevance equals the join's relevance, and the last join's equals the block
+    output's."""
     net, x = _setup(builder, sd, cin, size)
     with torch.no_grad():  # zero biases: the epsilon rule then conserves relevance through every layer
         for n, p in net.named_parameters():
             if n.endswith("bias"):
                 p.zero_()
-    terms = lrp_block_terms(net, x, _pred)
+    terms = block_terms(net, x, _pred, method)
     assert set(terms) == set(removable_blocks(net))
     for name, t in terms.items():
         # tolerance scaled by the absolute relevance mass: terms of both signs cancel (by ~1e6 on untrained Swin)
@@ -230,7 +235,7 @@ def test_lrp_conservation_at_joins(family, builder, sd, cin, size, min_blocks):
             t["output"],
         )
         assert out_last.abs().sum() > 0
-    rel = block_relevance(net, [x], "lrp", target=_pred)
+    rel = block_relevance(net, [x], method, target=_pred)
     for name, t in terms.items():  # block relevance is |branch| per sample, averaged
         expect = sum(j[0] for j in t["joins"]).abs().mean().item()
         assert rel[name] == pytest.approx(expect, rel=1e-4, abs=1e-9)
@@ -268,6 +273,41 @@ def test_ratio_that_empties_a_stage_is_refused():
     result = prune_depth(net, rel, ratio=0.99 * share, example_inputs=x[:1], min_blocks_per_stage=0)
     assert sorted(result.removed) == ["layer1.0", "layer1.1"] and result.stages["layer1"] == (2, 0)
     assert _first(net(x)).shape == (2, 3)
+
+
+def _flat_table(net):
+    """A latency table costing 1 ms per conv / linear layer at any width, 1 ms of overhead."""
+    from monai_iaprune.pruning.latency_table import LatencyTable, LayerLatency
+
+    layers = {
+        n: LayerLatency([1], [1], [[1e-3]])
+        for n, m in net.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+    return LatencyTable(layers, 1e-3, "test")
+
+
+def test_latency_target_counts_removed_layers_as_free():
+    from monai_iaprune.pruning.depth import latency_table_for
+
+    net, x = _setup(_resnet, 2, 1, 16)
+    table = _flat_table(net)
+    total = len(table.layers) + 1  # ms: every layer and the overhead; each removable block holds 2 layers
+    rel = block_relevance(net, None, "random")
+    result = prune_depth(net, rel, target="latency", speedup=1.1, latency_table=table, example_inputs=x[:1])
+    assert len(result.removed) == 1 and total / (total - 2) >= 1.1
+    assert result.latency_estimated_speedup == pytest.approx(total / (total - 2))
+    assert latency_table_for(table, net).estimate_model(net) == pytest.approx((total - 2) * 1e-3)
+    assert table.estimate_model(net) == pytest.approx(total * 1e-3)  # the raw table counts the removed layers
+    most = (total - 2) / (total - 4)  # the other layer1 block is all that is left to remove
+    with pytest.raises(ValueError, match=f"estimated speed-up of {most:.2f}x"):
+        prune_depth(net, block_relevance(net, None, "random"), target="latency", speedup=2.0,
+                    latency_table=latency_table_for(table, net),
+                    min_blocks_per_stage=0)  # fmt: skip
+    with pytest.raises(ValueError, match="needs a latency_table"):
+        prune_depth(net, rel, target="latency", speedup=1.5)
+    with pytest.raises(ValueError, match="speedup > 1"):
+        prune_depth(net, rel, target="latency", speedup=1.0, latency_table=table)
 
 
 def test_ratio_picks_least_relevant_first():

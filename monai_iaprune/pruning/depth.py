@@ -23,6 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from monai_iaprune.pruning.latency_table import LatencyTable
 from monai_iaprune.pruning.prune import CountsBeforeAfter, count_macs, count_params
 from monai_iaprune.relevance.blocks import (
     Block,
@@ -34,6 +35,7 @@ from monai_iaprune.relevance.blocks import (
 
 __all__ = [
     "DepthPruneResult",
+    "latency_table_for",
     "prune_depth",
     "remove_block",
     "removed_block_names",
@@ -66,7 +68,7 @@ class DepthPruneResult(CountsBeforeAfter):
 
     Attributes:
         ratio: the requested fraction of ``target`` removed.
-        target: ``"params"`` or ``"macs"``.
+        target: ``"params"``, ``"macs"`` or ``"latency"``.
         removed: the removed blocks' names, least relevant first.
         relevance: ``{removed block: its relevance}``.
         stages: ``{stage: (blocks before, blocks after)}`` for every stage with a removable block.
@@ -74,6 +76,7 @@ class DepthPruneResult(CountsBeforeAfter):
         history: ``[(module name, "out" | "in", [removed indices])]`` of the layers re-sliced after a removed
             DenseNet layer (its consumers), in ``PruneResult.history``'s format for ``remap_optimizer``.
         params_before, params_after, macs_before, macs_after: counts (MACs on ``example_inputs``; 0 without).
+        latency_estimated_speedup: ``target="latency"``: estimated speed-up from the latency table.
     """
 
     ratio: float
@@ -87,6 +90,7 @@ class DepthPruneResult(CountsBeforeAfter):
     macs_after: float = 0.0
     method: str | None = None
     history: list[tuple[str, str, list[int]]] = field(default_factory=list)
+    latency_estimated_speedup: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (for reports and ``save_pruned(extra=...)``)."""
@@ -97,6 +101,7 @@ class DepthPruneResult(CountsBeforeAfter):
             "removed_blocks": list(self.removed),
             "relevance": dict(self.relevance),
             "stages": {s: list(v) for s, v in self.stages.items()},
+            "latency_estimated_speedup": self.latency_estimated_speedup,
             **self.counts(),
         }
 
@@ -270,16 +275,46 @@ def _shape_keeping(model: nn.Module, blocks: dict[str, Block], x: torch.Tensor) 
     return ok
 
 
+def latency_table_for(table: LatencyTable, model: nn.Module) -> LatencyTable:
+    """``table`` without the layers ``model`` no longer has (inside removed blocks), so that
+    ``estimate_model`` counts them as 0 s rather than at full width; the overhead is kept constant.
+
+    Pass the result to ``prune(target="latency", latency_table=...)`` to width-prune a depth-pruned network.
+    The norms / activations of removed blocks sit in the table's constant overhead, so the estimated speed-up of
+    depth pruning is an underestimate (measure it).
+    """
+    present = {n for n, _ in model.named_modules()}
+    layers = {n: t for n, t in table.layers.items() if n in present}
+    return LatencyTable(layers, table.overhead, table.device)
+
+
+def _seconds(table: LatencyTable, model: nn.Module) -> float:
+    return latency_table_for(table, model).estimate_model(model)
+
+
+def _amount(model: nn.Module, target: str, x: torch.Tensor | None, table: LatencyTable | None) -> float:
+    if target == "params":
+        return float(count_params(model))
+    if target == "macs":
+        return float(count_macs(model, x))
+    return _seconds(table, model)
+
+
 def _cost(
-    model: nn.Module, name: str, block: Block, target: str, x: torch.Tensor | None, base: float
+    model: nn.Module,
+    name: str,
+    block: Block,
+    target: str,
+    x: torch.Tensor | None,
+    base: float,
+    table: LatencyTable | None = None,
 ) -> float:
     """How much of ``target`` removing ``name`` alone saves (exact params for residual blocks)."""
     if target == "params" and not block.family.dense:
         return float(count_params(block.module))
     trial = copy.deepcopy(model)
     remove_block(trial, name)
-    after = count_params(trial) if target == "params" else count_macs(trial, x)
-    return float(base - after)
+    return float(base - _amount(trial, target, x, table))
 
 
 def _stage_counts(model: nn.Module) -> dict[str, int]:
@@ -298,6 +333,8 @@ def prune_depth(
     example_inputs: torch.Tensor | None = None,
     min_blocks_per_stage: int = 1,
     blocks: Sequence[str] | None = None,
+    speedup: float | None = None,
+    latency_table: LatencyTable | None = None,
 ) -> DepthPruneResult:
     """Remove the least relevant removable blocks of ``model`` (in place) until ``ratio`` of ``target`` is gone.
 
@@ -310,12 +347,17 @@ def prune_depth(
         model: the network; modified in place.
         block_relevance: ``{block name: relevance}`` (``relevance.blocks.block_relevance``); only these blocks
             are candidates.
-        ratio: fraction of ``target`` to remove, in ``[0, 1)``. Either ``ratio`` or ``blocks``.
-        target: ``"params"`` or ``"macs"`` (MACs need ``example_inputs``).
+        ratio: fraction of ``target`` to remove, in ``[0, 1)``. Either ``ratio``, ``speedup`` or ``blocks``.
+        target: ``"params"``, ``"macs"`` (needs ``example_inputs``) or ``"latency"`` (needs ``speedup`` and
+            ``latency_table``).
         example_inputs: one input batch; checks that every candidate keeps shapes and that the output shape is
             unchanged, and counts MACs. Default ``block_relevance.example_input`` when present.
         min_blocks_per_stage: blocks every stage keeps.
         blocks: remove exactly these blocks instead of choosing by ``ratio`` (stage rule still applies).
+        speedup: ``target="latency"``: the estimated speed-up to reach, > 1 (removes ``1 - 1 / speedup`` of the
+            estimated seconds).
+        latency_table: ``target="latency"``: ``measure_latency_table`` of ``model`` (unpruned by depth); a layer
+            inside a removed block costs 0 s, the overhead stays constant (see ``latency_table_for``).
 
     Returns:
         ``DepthPruneResult``.
@@ -325,10 +367,21 @@ def prune_depth(
             one that cannot be reached without leaving a stage with fewer than ``min_blocks_per_stage`` blocks
             (the stage is named); an unknown target.
     """
-    if target not in ("params", "macs"):
-        raise ValueError(f"target must be 'params' or 'macs', got {target!r}")
+    if target not in ("params", "macs", "latency"):
+        raise ValueError(f"target must be 'params', 'macs' or 'latency', got {target!r}")
+    if target == "latency":
+        if latency_table is None:
+            raise ValueError("target='latency' needs a latency_table (pruning.measure_latency_table)")
+        if speedup is not None:
+            if not speedup > 1.0:
+                raise ValueError(f"target='latency' needs a speedup > 1, got {speedup!r}")
+            if ratio is not None:
+                raise ValueError("pass either ratio or speedup")
+            ratio = 1.0 - 1.0 / float(speedup)
+    elif speedup is not None:
+        raise ValueError("speedup applies to target='latency' only")
     if (ratio is None) == (blocks is None):
-        raise ValueError("pass either ratio or blocks")
+        raise ValueError("pass either ratio (or speedup) or blocks")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if min_blocks_per_stage < 0:
@@ -352,7 +405,8 @@ def prune_depth(
         out_shape = _output_shape(model, x)
     params_before = count_params(model)
     macs_before = count_macs(model, x) if x is not None else 0.0
-    base = float(params_before if target == "params" else macs_before)
+    seconds_before = _seconds(latency_table, model) if latency_table is not None else None
+    base = {"params": float(params_before), "macs": float(macs_before)}.get(target, seconds_before)
     counts = _stage_counts(model)
     before_counts = dict(counts)
 
@@ -384,7 +438,7 @@ def prune_depth(
                 continue
             counts[stage] -= 1
             chosen.append(n)
-            saved += _cost(model, n, candidates[n], target, x, base)
+            saved += _cost(model, n, candidates[n], target, x, base, latency_table)
         if saved < goal and goal > 0:
             stages = sorted(set(blocked))
             where = (
@@ -395,7 +449,13 @@ def prune_depth(
             )
             raise ValueError(
                 f"depth ratio {ratio} of {target} cannot be reached by removing blocks of {type(model).__name__} "
-                f"(at most {saved / base:.3f}): {where}"
+                f"(at most {saved / base:.3f}"
+                + (
+                    f", an estimated speed-up of {1 / max(1 - saved / base, 1e-9):.2f}x"
+                    if target == "latency"
+                    else ""
+                )
+                + f"): {where}"
             )
     history: list[tuple[str, str, list[int]]] = []
     for n in chosen:
@@ -419,4 +479,7 @@ def prune_depth(
         macs_after=count_macs(model, x) if x is not None else 0.0,
         method=getattr(block_relevance, "method", None),
         history=history,
+        latency_estimated_speedup=(
+            seconds_before / _seconds(latency_table, model) if seconds_before is not None else None
+        ),
     )

@@ -337,10 +337,17 @@ class _SumFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        ma, mb = ctx.mags
-        s = _safe_div(relevance, ma + mb)
-        ra, rb = (ma * s).sum_to_size(ctx.shapes[0]), (mb * s).sum_to_size(ctx.shapes[1])
-        return ra, rb, None
+        ra, rb = magnitude_split(*ctx.mags, relevance)
+        return ra.sum_to_size(ctx.shapes[0]), rb.sum_to_size(ctx.shapes[1]), None
+
+
+def magnitude_split(
+    mag_a: torch.Tensor, mag_b: torch.Tensor, relevance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DLB's rule at a sum ``a + b``: each addend takes ``|x_k| / (|a| + |b|)`` of the sum's relevance (0 where
+    both are 0), given the magnitudes ``|a|``, ``|b|`` (broadcast to the sum's shape)."""
+    s = _safe_div(relevance, mag_a + mag_b)
+    return mag_a * s, mag_b * s
 
 
 class _Rule:
@@ -782,6 +789,14 @@ def _backtrace_hooks(model: nn.Module) -> Iterator[_State]:
             h.remove()
         for m, flag in inplace:
             m.inplace = flag
+
+
+@contextmanager
+def backtrace_forward(model: nn.Module) -> Iterator[None]:
+    """DL-Backtrace rules on ``model`` for the forward passes run inside; a backward from ``select * output`` after
+    leaving the block propagates DLB relevance (in its gradients). Parameters should not require grad."""
+    with _backtrace_hooks(model) as state, _BacktraceMode(state):
+        yield
 
 
 def _check_mode(mode: str) -> None:

@@ -12,6 +12,9 @@ summed over positions, averaged over a loader (as ``channel_relevance`` for chan
 - ``"lrp"``: zennit LRP (``relevance.lrp.lrp_context``, ``"epsilon"`` composite). At ``s = branch + skip`` the
   epsilon rule splits the relevance ``R_s`` arriving at ``s`` as ``branch * R_s / s`` and ``skip * R_s / s``
   (so branch + skip relevance = ``R_s``); at a concatenation each slice keeps its own relevance.
+- ``"dlb"``: DL-Backtrace (``relevance.backtrace``): at ``s = branch + skip`` each operand takes
+  ``|operand| / (|branch| + |skip|)`` of the relevance arriving at ``s`` (DLB's sum rule; branch + skip relevance =
+  ``R_s``), at a concatenation each slice keeps its own relevance (as LRP's).
 - ``"taylor"``: ``|sum(branch * d target / d branch)|``: first-order change of the target when the branch is
   replaced by zero, i.e. when the block becomes the identity.
 - ``"ig"`` / ``"conductance"``: conductance of the branch output (Dhamdhere et al. 2018) along the straight path
@@ -43,6 +46,7 @@ from monai.networks.nets.densenet import _DenseLayer
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
+from monai_iaprune.relevance.backtrace import backtrace_forward, magnitude_split
 from monai_iaprune.relevance.hooks import OutputRecorder, no_param_grad
 from monai_iaprune.relevance.targets import TargetSpec, target_selection
 from monai_iaprune.utils.batch import input_batches, model_device, plain_tensor, split_batch
@@ -60,6 +64,7 @@ __all__ = [
     "block_families",
     "block_relevance",
     "block_stage",
+    "block_terms",
     "find_blocks",
     "lrp_block_terms",
     "removable_blocks",
@@ -253,16 +258,34 @@ def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     return z + torch.where(z >= 0, eps, -eps)  # zennit's default stabiliser, sign(0) = +1
 
 
+Split = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _epsilon_split(epsilon: float) -> Split:
+    """LRP's epsilon rule at ``s = branch + skip``: ``branch * R / s`` and ``skip * R / s``."""
+
+    def split(branch, skip, grad):
+        ratio = grad / _stabilize(branch + skip, epsilon)
+        return branch * ratio, skip * ratio
+
+    return split
+
+
+def _magnitude_split(branch, skip, grad):
+    """DL-Backtrace's sum rule: ``|branch| / (|branch| + |skip|)`` and ``|skip| / (...)`` of ``R``."""
+    return magnitude_split(branch.abs(), skip.abs(), grad)
+
+
 class _RecordedJoin(torch.autograd.Function):
     """``branch + skip`` (or ``cat([skip, branch], 1)``) whose backward reports what reaches each operand.
 
-    With ``epsilon`` set (LRP), the incoming relevance ``R`` of a sum is split by the epsilon rule,
-    ``branch * R / s`` and ``skip * R / s``; otherwise (and for a concatenation) the ordinary gradient is passed.
+    With ``split`` set (LRP's epsilon rule, DLB's magnitude share), the incoming relevance ``R`` of a sum is split
+    by it; otherwise (and for a concatenation) the ordinary gradient is passed.
     """
 
     @staticmethod
-    def forward(ctx, branch, skip, dense: bool, epsilon: float | None, record: Callable):
-        ctx.dense, ctx.epsilon, ctx.record = dense, epsilon, record
+    def forward(ctx, branch, skip, dense: bool, split: Split | None, record: Callable):
+        ctx.dense, ctx.split, ctx.record = dense, split, record
         ctx.save_for_backward(branch, skip)
         return torch.cat([skip, branch], 1) if dense else branch + skip
 
@@ -271,9 +294,8 @@ class _RecordedJoin(torch.autograd.Function):
         branch, skip = ctx.saved_tensors
         if ctx.dense:
             g_skip, g_branch = grad.split([skip.shape[1], branch.shape[1]], 1)
-        elif ctx.epsilon is not None:
-            ratio = grad / _stabilize(branch + skip, ctx.epsilon)
-            g_branch, g_skip = branch * ratio, skip * ratio
+        elif ctx.split is not None:
+            g_branch, g_skip = ctx.split(branch, skip, grad)
         else:
             g_branch, g_skip = grad, grad
         ctx.record(branch.detach(), g_branch.detach(), g_skip.detach(), grad.detach())
@@ -282,7 +304,7 @@ class _RecordedJoin(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _explicit_joins(
-    blocks: dict[str, Block], record: Callable[..., None], epsilon: float | None
+    blocks: dict[str, Block], record: Callable[..., None], split: Split | None
 ) -> Iterator[None]:
     """Re-state each block's forward with a recording join; ``record(name, branch, g_branch, g_skip, g_out)``."""
     saved = []
@@ -291,7 +313,7 @@ def _explicit_joins(
             fam = blk.family
 
             def join(b, k, _name=name, _dense=fam.dense):
-                return _RecordedJoin.apply(b, k, _dense, epsilon, functools.partial(record, _name))
+                return _RecordedJoin.apply(b, k, _dense, split, functools.partial(record, _name))
 
             saved.append((blk.module, blk.module.__dict__.get("forward")))
             blk.module.forward = functools.partial(fam.forward, blk.module, join)
@@ -349,6 +371,13 @@ def _lrp_batch(model, x, select, blocks, terms: _Terms) -> dict[str, torch.Tenso
     return dict(terms.branch)
 
 
+def _dlb_batch(model, x, select, blocks, terms: _Terms) -> dict[str, torch.Tensor]:
+    with backtrace_forward(model):  # per batch: the rule hooks keep per-forward state
+        output = _first(model(x))
+    torch.autograd.grad(output, x, grad_outputs=(select(output) * output).detach(), allow_unused=True)
+    return dict(terms.branch)
+
+
 def _taylor_batch(model, x, select, blocks, terms: _Terms) -> dict[str, torch.Tensor]:
     output = _first(model(x))
     (output * select(output).detach()).sum().backward()
@@ -400,6 +429,7 @@ def _random(blocks: dict[str, Block], seed: int = 0, **_: Any) -> dict[str, floa
 
 BLOCK_METHODS: dict[str, Callable[..., Any]] = {
     "lrp": _lrp_batch,
+    "dlb": _dlb_batch,
     "taylor": _taylor_batch,
     "ig": _ig_batch,
     "conductance": _ig_batch,
@@ -438,8 +468,9 @@ def _method_context(model, x, method, blocks, terms, epsilon, composite, canoniz
             from monai_iaprune.relevance.lrp import lrp_context
 
             stack.enter_context(lrp_context(model, x, composite, epsilon, epsilon, canonizers))
+        split = {"lrp": _epsilon_split(epsilon), "dlb": _magnitude_split}.get(method)
         # entered after the canonizers: the re-stated forwards replace theirs until the canonizers are removed
-        stack.enter_context(_explicit_joins(blocks, terms, epsilon if method == "lrp" else None))
+        stack.enter_context(_explicit_joins(blocks, terms, split))
         yield
 
 
@@ -554,15 +585,32 @@ def lrp_block_terms(
     epsilon: float = 1e-6,
     canonizers: Any = "auto",
 ) -> dict[str, dict[str, Any]]:
-    """One LRP pass, per block: ``{"joins": [(branch, skip, out)], "output": relevance at the block's output,
+    """``block_terms(method="lrp")``."""
+    return block_terms(model, inputs, select, "lrp", blocks, composite, epsilon, canonizers)
+
+
+def block_terms(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    method: str = "lrp",
+    blocks: Iterable[str] | None = None,
+    composite: str = "epsilon",
+    epsilon: float = 1e-6,
+    canonizers: Any = "auto",
+) -> dict[str, dict[str, Any]]:
+    """One LRP (``method="lrp"``) or DL-Backtrace (``"dlb"``) pass, per block: ``{"joins": [(branch, skip, out)], "output": relevance at the block's output,
     "mass": [sum of |relevance| at each join's output]}``.
 
     Each term is per-sample ``[B]`` relevance (summed in float64), joins in forward order. ``mass`` is the scale
-    of the float32 rounding of the sums (relevance of both signs may cancel by orders of magnitude). ``branch + skip == out`` at every join up
-    to the epsilon stabiliser (conservation), and for a block with one join followed only by an element-wise
-    activation, ``out == output``. ``block_relevance(method="lrp")`` scores a block by the sum of its ``branch``
-    terms (two joins for transformer blocks).
+    of the float32 rounding of the sums (relevance of both signs may cancel by orders of magnitude).
+    ``branch + skip == out`` at every join (LRP: up to the epsilon stabiliser; conservation), and for a block with
+    one join followed only by an element-wise activation, ``out == output``. ``block_relevance(method=...)`` scores
+    a block by the sum of its ``branch`` terms (two joins for transformer blocks).
     """
+    passes = {"lrp": _lrp_batch, "dlb": _dlb_batch}
+    if method not in passes:
+        raise ValueError(f"block_terms supports methods {sorted(passes)}, got {method!r}")
     found = removable_blocks(model)
     chosen = found if blocks is None else {n: found[n] for n in blocks}
     terms = _Terms()
@@ -570,9 +618,9 @@ def lrp_block_terms(
     model.eval()
     try:
         x = inputs.detach().clone().float().requires_grad_(True)
-        with _method_context(model, x, "lrp", chosen, terms, epsilon, composite, canonizers):
+        with _method_context(model, x, method, chosen, terms, epsilon, composite, canonizers):
             with OutputRecorder({n: b.module for n, b in chosen.items()}) as rec:
-                _lrp_batch(model, x, select, chosen, terms)
+                passes[method](model, x, select, chosen, terms)
                 grads = {n: _per_sample(g.detach()) for n, g in rec.grads.items()}
                 rec.clear()
         return {
