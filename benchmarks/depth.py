@@ -60,13 +60,10 @@ sys.path.insert(0, str(HERE))
 
 import budget  # noqa: E402
 from budget import (  # noqa: E402
+    TASKS,
     _float,
     _mean,
     append_row,
-    dataset_path,
-    example_input,
-    fresh_model,
-    load_data,
     load_table,
     read_rows,
     table_path,
@@ -248,12 +245,12 @@ def _medmnist_rows(args: argparse.Namespace, csv_path: Path) -> None:
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
-        if not dataset_path(name).exists():
-            print(f"[skip] {name}: {dataset_path(name)} not present")
+        if not TASKS[name].data_path().exists():
+            print(f"[skip] {name}: {TASKS[name].data_path()} not present")
             continue
         cfg = DATASETS[name]
-        data = load_data(name, args.limit)
-        x1 = example_input(cfg)
+        data = TASKS[name].load(args.limit)
+        x1 = TASKS[name].example_input()
         table = load_table(table_path(args.cache, name, args.threads))
         if table is None and args.speedups:
             print(f"[skip] {name}: latency rows need {table_path(args.cache, name, args.threads)} "
@@ -420,8 +417,7 @@ def phase_latency(args: argparse.Namespace) -> None:
             print(f"[skip] {' '.join(row_key(r))}: no saved model {mfile}")
             continue
         if r["dataset"] in DATASETS:
-            cfg = DATASETS[r["dataset"]]
-            x, build = example_input(cfg), lambda cfg=cfg: fresh_model(cfg)
+            x, build = TASKS[r["dataset"]].example_input(), TASKS[r["dataset"]].fresh_model
         else:
             build, shape = builders[r["dataset"]]
             x = torch.randn(*shape)
