@@ -29,10 +29,10 @@ def _table(tmp_path):
     """A synthetic latency table of the benchmark's breastmnist net (not timed): 0.1 ms per layer at full width,
     scaling with in x out channels, 0.5 ms overhead."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from budget import DATASETS, fresh_model, table_path
+    from budget import TASKS, table_path
     from torch import nn
 
-    net = fresh_model(DATASETS["breastmnist"])
+    net = TASKS["breastmnist"].fresh_model()
     layers = {}
     for n, m in net.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
