@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.utils import op_counter
 
-from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
+from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for, trace_kwargs
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES
 
 
@@ -174,6 +174,7 @@ def channel_costs(
             raise KeyError(f"ignored layer {item!r} is not a module of {type(model).__name__}")
         ignored.append(modules[name])
     extra = pruner_kwargs_for(meta)
+    extra.update(trace_kwargs(meta, x))
     extra.update(pruner_kwargs or {})
     ignored += extra.pop("ignored_layers", [])
     names = {m: n for n, m in modules.items()}

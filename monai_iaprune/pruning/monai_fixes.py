@@ -8,13 +8,17 @@ that must not be pruned) come from ``pruner_kwargs_for(model)``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
+import torch
+import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 from torch_pruning.dependency import constants, index_mapping, shape_infer
 from torch_pruning.dependency.group import Group
+
+from monai_iaprune.relevance.layers import PRUNABLE_TYPES
 
 
 def _infer_out_channels(graph, node, recursive_depth: list) -> int | None:
@@ -142,16 +146,215 @@ def no_inplace_activations(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def instance_norm_outputs_copied() -> Iterator[None]:
+    """Return a copy of every instance norm's output while the context is active.
+
+    ``torch.instance_norm`` returns a *view* of a batch norm over ``[1, B * C, ...]``; a residual block that adds
+    its shortcut in place onto the norm output (MONAI ``UnetResBlock``: ``out = norm2(conv2(x)); out += residual``,
+    used by ``DynUNet(res_block=True)``, UNETR and SwinUNETR decoders) rewrites that view's autograd node, so
+    torch-pruning's tracer loses the norm: its ``num_features`` and affine parameters stay at the old width and the
+    pruned network fails ("expected input's size at dim=1 to match num_features"). A copy has its own node and the
+    same values (same family as VainF/Torch-Pruning#387).
+    """
+    cls = nn.modules.instancenorm._InstanceNorm
+    original = cls.forward
+
+    def forward(self, x):
+        return original(self, x).clone()
+
+    cls.forward = forward
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+@contextmanager
 def monai_pruning_fixes(model: nn.Module) -> Iterator[None]:
     """Context in which torch-pruning can trace and prune ``model`` (a MONAI network or any torch module).
 
-    Applies ``concat_width_fix``, ``no_inplace_activations`` and ``cached_concat_mapping``; all are undone on exit.
+    Applies ``concat_width_fix``, ``no_inplace_activations``, ``instance_norm_outputs_copied`` and
+    ``cached_concat_mapping``; all are undone on exit.
     """
     with ExitStack() as stack:
         stack.enter_context(concat_width_fix())
         stack.enter_context(no_inplace_activations(model))
+        stack.enter_context(instance_norm_outputs_copied())
         stack.enter_context(cached_concat_mapping())
         yield
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a nested output (``None`` entries dropped: torch-pruning's ``flatten_as_list`` fails on them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for item in items for t in _tensors(item)]
+
+
+@contextmanager
+def _training_forward(model: nn.Module) -> Iterator[None]:
+    """``model`` in training mode with its norms in eval mode (running statistics untouched, batch 1 allowed)."""
+    states = {m: m.training for m in model.modules()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, training in states.items():
+            m.training = training
+
+
+def _layers_run(model: nn.Module, example_inputs: torch.Tensor, train: bool) -> set[nn.Module]:
+    run: set[nn.Module] = set()
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    handles = [m.register_forward_hook(lambda mod, i, o: run.add(mod)) for m in layers]
+    try:
+        with torch.no_grad(), _training_forward(model) if train else nullcontext():
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return run
+
+
+def trace_kwargs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
+    """``forward_fn`` for torch-pruning's tracer (``MetaPruner`` / ``build_dependency``) that sees every layer run.
+
+    torch-pruning builds its graph backwards from the network output, in eval mode. Two kinds of layer are
+    missed, keep their input width after their producer is pruned, and break the pruned network:
+
+    - layers run off the path to the output, whose results are kept aside (``DynUNet`` deep-supervision heads,
+      stored in eval mode and returned only in training): their outputs are added as extra graph roots;
+    - layers run only in training (``SegResNetVAE``'s VAE branch, ``DAF3D``'s deep-supervision predictions): when
+      there are any, the network is traced in training mode (norms kept in eval mode, so batch-1 inputs work and
+      running statistics are untouched).
+
+    Layers never run at all (an encoder's unused classification head) stay out of the graph: left alone.
+    """
+    train = bool(_layers_run(model, example_inputs, True) - _layers_run(model, example_inputs, False))
+
+    def forward_fn(net: nn.Module, inputs: Any) -> list[torch.Tensor]:
+        main, layer_outputs = _traced_forward(net, inputs, train)
+        return main + list(layer_outputs.values())
+
+    forward_fn.train = train
+    return {"forward_fn": forward_fn}
+
+
+def _traced_forward(
+    net: nn.Module, inputs: Any, train: bool
+) -> tuple[list[torch.Tensor], dict[nn.Module, torch.Tensor]]:
+    """(network output tensors, ``{conv / linear layer: its last output}``) of one forward."""
+    outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def record(mod, i, o):
+        if isinstance(o, torch.Tensor) and o.grad_fn is not None:
+            outputs[mod] = o
+
+    handles = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, PRUNABLE_TYPES)]
+    try:
+        with _training_forward(net) if train else nullcontext():
+            out = net(*inputs) if isinstance(inputs, (tuple, list)) else net(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        release_held_tensors(net)
+    return _tensors(out), outputs
+
+
+def output_producers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """Conv / linear layers whose output channels are outputs of the network (in the mode ``trace_kwargs`` traces).
+
+    - the nearest layer behind every output tensor (through parameter-free operations): ``SegResNetDS2``'s two
+      decoder heads, ``DynUNet``'s interpolated deep-supervision heads in training mode;
+    - layers whose output is kept aside rather than consumed (it reaches neither the network output nor another
+      conv / linear layer): ``DynUNet``'s deep-supervision heads in eval mode.
+
+    Their output channels are class channels, so ``prune`` keeps them as it keeps the last layer.
+    """
+    train = trace_kwargs(model, example_inputs)["forward_fn"].train
+    with torch.enable_grad():
+        main, outputs = _traced_forward(model, example_inputs, train)
+    producer = {o.grad_fn: m for m, o in outputs.items()}
+    found: list[nn.Module] = []
+    seen: set = set()
+    stack = [t.grad_fn for t in main if t.grad_fn is not None]
+    while stack:  # back from each output until a layer output
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in producer:
+            found.append(producer[fn])
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    # consumed: the layer's grad_fn lies behind the network output or behind another layer's output
+    consumed: set = set()
+    stack = [t.grad_fn for t in main if t.grad_fn is not None]
+    stack += [nxt for o in outputs.values() for nxt, _ in o.grad_fn.next_functions]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in consumed:
+            continue
+        consumed.add(fn)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    found += [m for m, o in outputs.items() if o.grad_fn not in consumed and m not in found]
+    return found
+
+
+def padded_residual_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """Conv layers whose output channels meet a zero-padded residual (``ChannelPad(mode="pad")``, ``HighResNet``).
+
+    ``x_conv + F.pad(x)`` adds ``in`` channels to ``out > in`` ones; torch-pruning maps the pad as element-wise
+    (same channel count in and out), so a group through it indexes past ``x``'s channels (IndexError) and the
+    pad width would go stale after pruning. The residual streams meeting a pad keep their channels; the convs
+    inside the blocks (in -> out) stay prunable.
+    """
+    from monai.networks.layers.simplelayers import ChannelPad
+
+    pads = [m for m in model.modules() if isinstance(m, ChannelPad) and m.pad is not None]
+    if not pads:
+        return []
+    # the conv whose output is summed with the pad: the last one run before each padded sum in the same parent
+    partners: list[nn.Module] = []
+    for parent in model.modules():
+        children = list(parent.children())
+        if not any(c in pads for c in children):
+            continue
+        convs = [m for c in children if c not in pads for m in c.modules() if isinstance(m, PRUNABLE_TYPES)]
+        if convs:
+            partners.append(convs[-1])
+    with monai_pruning_fixes(model):
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, **trace_kwargs(model, example_inputs)
+        )
+    found: list[nn.Module] = []
+    for conv in partners:
+        if conv not in dg.module2node:
+            continue
+        group = dg.get_pruning_group(conv, dg.get_pruner_of_module(conv).prune_out_channels, idxs=[0])
+        for dep, _ in group:
+            m = dep.target.module
+            if isinstance(m, PRUNABLE_TYPES) and dg.is_out_channel_pruning_fn(dep.handler) and m not in found:
+                found.append(m)
+    return found
+
+
+def release_held_tensors(model: nn.Module) -> None:
+    """Detach tensors a network keeps in plain list attributes between calls (``DynUNet.heads``).
+
+    They hold the autograd graph of the last forward, and ``copy.deepcopy`` refuses non-leaf tensors, so a
+    ``DynUNet`` with deep supervision cannot be copied after a forward with gradients (``prune`` copies per trial).
+    """
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, list):
+                for i, t in enumerate(value):
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                        value[i] = t.detach()
 
 
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:

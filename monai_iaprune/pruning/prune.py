@@ -15,7 +15,14 @@ from torch import nn
 from monai_iaprune.pruning.cost import channel_costs
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
 from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
-from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
+from monai_iaprune.pruning.monai_fixes import (
+    monai_pruning_fixes,
+    pruner_kwargs_for,
+    output_producers,
+    padded_residual_layers,
+    release_held_tensors,
+    trace_kwargs,
+)
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 from monai_iaprune.relevance.registry import METHODS
@@ -115,8 +122,9 @@ def _layer_channels(model: nn.Module) -> dict[str, int]:
 def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """Layers whose output channels are the network's output channels (classifier heads, seg output convs).
 
-    The last conv / linear layer run in forward is found by hooks; every layer coupled to its
-    output channels in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
+    The last conv / linear layer run in forward is found by hooks, and so are the layers behind every output
+    tensor or kept aside (``output_producers``: deep-supervision heads); every layer coupled to their output channels
+    in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
     """
     order: list[nn.Module] = []
     handles = [
@@ -133,16 +141,25 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
             h.remove()
     if not order:
         return []
-    last = order[-1]
+    found = [order[-1]]
+    found += [m for m in output_producers(model, example_inputs) if m not in found]
     with monai_pruning_fixes(model):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    out_fn = dg.get_pruner_of_module(last).prune_out_channels
-    group = dg.get_pruning_group(last, out_fn, idxs=[0])
-    found = [last]
-    for dep, _ in group:
-        m = dep.target.module
-        if isinstance(m, PRUNABLE_TYPES) and dep.handler.__name__ == "prune_out_channels" and m not in found:
-            found.append(m)
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, **trace_kwargs(model, example_inputs)
+        )
+    for last in list(found):
+        if last not in dg.module2node:
+            continue
+        out_fn = dg.get_pruner_of_module(last).prune_out_channels
+        group = dg.get_pruning_group(last, out_fn, idxs=[0])
+        for dep, _ in group:
+            m = dep.target.module
+            if (
+                isinstance(m, PRUNABLE_TYPES)
+                and dep.handler.__name__ == "prune_out_channels"
+                and m not in found
+            ):
+                found.append(m)
     return found
 
 
@@ -399,6 +416,7 @@ def _prune_traced(
     latency_table, latency_device, threads,
 ) -> PruneResult:  # fmt: skip
     """``prune`` after its argument checks, with every parameter trainable and the model in eval mode."""
+    release_held_tensors(model)  # e.g. DynUNet heads from the relevance pass: the trials deep-copy the model
     modules = dict(model.named_modules())
     ignored: list[nn.Module] = []
     for item in ignored_layers or []:
@@ -408,7 +426,9 @@ def _prune_traced(
             item = modules[item]
         ignored.append(item)
     ignored += [m for m in output_layers(model, example_inputs) if m not in ignored]
+    ignored += [m for m in padded_residual_layers(model, example_inputs) if m not in ignored]
     extra = pruner_kwargs_for(model)
+    extra.update(trace_kwargs(model, example_inputs))
     extra.update(pruner_kwargs or {})
     ignored += [m for m in extra.pop("ignored_layers", []) if m not in ignored]
     channels_before = _layer_channels(model)
