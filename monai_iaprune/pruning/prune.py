@@ -17,9 +17,9 @@ from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImpor
 from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
 from monai_iaprune.pruning.monai_fixes import (
     monai_pruning_fixes,
-    pruner_kwargs_for,
     output_producers,
     padded_residual_layers,
+    pruner_kwargs_for,
     release_held_tensors,
     trace_kwargs,
 )
