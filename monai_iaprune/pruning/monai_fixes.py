@@ -374,12 +374,56 @@ def _swin_transformers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, SwinTransformer)]
 
 
+def _token_streams(model: nn.Module) -> list[nn.Module]:
+    """Layers writing the residual token stream of every MONAI ``ViT`` whose tokens are reshaped into feature maps.
+
+    ``UNETR`` views the ViT's hidden states as ``[B, *grid, hidden_size]`` with ``hidden_size`` fixed at build time,
+    so pruning the stream (patch embedding, attention ``out_proj``, MLP ``linear2``, all coupled by the residual
+    sums) makes that reshape invalid. The attention ``qkv`` is kept as well: its einops split into q / k / v
+    is not mapped to heads by torch-pruning (the pruned qkv width no longer divides into ``3 x heads``). The MLP
+    hidden layers stay prunable. A classification ViT (``classification=True``) keeps no such view: its stream
+    stays prunable.
+    """
+    from monai.networks.nets import ViT
+
+    found: list[nn.Module] = []
+    for vit in model.modules():
+        if not isinstance(vit, ViT) or vit.classification:
+            continue
+        found += [m for m in vit.patch_embedding.modules() if isinstance(m, PRUNABLE_TYPES)]
+        for block in vit.blocks:
+            # qkv too: SABlock splits it with einops and indexes q / k / v, which torch-pruning cannot map to heads
+            found += [block.attn.qkv, block.attn.out_proj, block.mlp.linear2]
+    return found
+
+
+def _unetr_up_concats(model: nn.Module) -> list[nn.Module]:
+    """The transposed convs of ``UnetrUpBlock`` decoders (``UNETR``): the width of their ``torch.cat`` with the skip.
+
+    On ``UNETR`` torch-pruning 1.6.1 maps both inputs of that concat (upsampled decoder features, skip from an
+    ``UnetrPrUpBlock`` encoder) to the same concat positions, so pruning one removes the other's channels too and
+    the consumer's input width no longer matches (plain ``MetaPruner`` fails the same way). Keeping the transposed
+    conv keeps that coupled group; the residual convs of every decoder block stay prunable.
+    """
+    from monai.networks.blocks.unetr_block import UnetrUpBlock
+
+    return [
+        m
+        for up in model.modules()
+        if isinstance(up, UnetrUpBlock)
+        for m in up.transp_conv.modules()
+        if isinstance(m, PRUNABLE_TYPES)
+    ]
+
+
 def pruner_kwargs_for(model: nn.Module) -> dict[str, Any]:
     """Extra ``MetaPruner`` arguments a MONAI network family needs.
 
     - ``num_heads``: every attention ``qkv`` layer with its head count, so head dimensions are pruned
       alike in every head (``ViT``/``UNETR`` ``SABlock``).
-    - ``ignored_layers``: the Swin transformer (``SwinUNETR.swinViT``) with all its layers.
+    - ``ignored_layers``: the token stream of a ViT encoder whose tokens are reshaped to feature maps
+      (``UNETR``; ``_token_streams``): its hidden size stays, attention head dimensions and MLP widths are
+      pruned; and the Swin transformer (``SwinUNETR.swinViT``) with all its layers.
       Its patch merging concatenates along the *last* (channels-last) dimension and its window
       attention reshapes channels into heads; torch-pruning 1.6.1 maps neither, so the pruned network
       fails (see VainF/Torch-Pruning#387 and the Swin/ViT notes in its README). SwinUNETR's conv
@@ -395,6 +439,8 @@ def pruner_kwargs_for(model: nn.Module) -> dict[str, Any]:
     heads = {m: n for m, n in _attention_heads(model).items() if id(m) not in inside_swin}
     if heads:
         kwargs["num_heads"] = heads
-    if swin:
-        kwargs["ignored_layers"] = swin  # MetaPruner ignores every submodule of an ignored module
+    # MetaPruner ignores every submodule of an ignored module, and every group one of them is pruned in
+    ignored = swin + [m for m in _token_streams(model) + _unetr_up_concats(model) if id(m) not in inside_swin]
+    if ignored:
+        kwargs["ignored_layers"] = ignored
     return kwargs
