@@ -39,7 +39,9 @@ def _pairs() -> list:
 def test_every_class_is_listed():
     classes = network_classes()
     unlisted = sorted(set(classes) - set(IN_SCOPE) - set(OUT_OF_SCOPE))
-    assert not unlisted, f"new classes in monai.networks.nets: add a builder or an out-of-scope reason: {unlisted}"
+    assert not unlisted, (
+        f"new classes in monai.networks.nets: add a builder or an out-of-scope reason: {unlisted}"
+    )
     stale = sorted((set(IN_SCOPE) | set(OUT_OF_SCOPE)) - set(classes))
     assert not stale, f"listed names that are no class of monai.networks.nets: {stale}"
     assert not set(IN_SCOPE) & set(OUT_OF_SCOPE)
@@ -48,7 +50,9 @@ def test_every_class_is_listed():
 def test_supported_share():
     pairs = [(n, sd) for n, c in IN_SCOPE.items() for sd in c.dims]
     failing = {(n, sd) for n, sd, _ in UNSUPPORTED}
-    assert 1 - len(failing) / len(pairs) >= 0.95, f"{len(failing)} of {len(pairs)} (class, dims) pairs unsupported"
+    assert 1 - len(failing) / len(pairs) >= 0.95, (
+        f"{len(failing)} of {len(pairs)} (class, dims) pairs unsupported"
+    )
 
 
 def _logits(out) -> torch.Tensor:
@@ -73,7 +77,9 @@ def test_prune_monai_network(name: str, sd: int, method: str):
     net.eval()
     with torch.no_grad():
         shape = _logits(net(x)).shape
-    copies = {t: copy.deepcopy(net) for t in ("params", "macs")}  # before relevance: DynUNet holds graph tensors
+    copies = {
+        t: copy.deepcopy(net) for t in ("params", "macs")
+    }  # before relevance: DynUNet holds graph tensors
     rel = channel_relevance(net, [(x[:1], y[:1])], method, progress=False)
 
     for goal, model in copies.items():

@@ -418,7 +418,9 @@ def _prune_traced(
     """``prune`` after its argument checks, with every parameter trainable and the model in eval mode."""
     release_held_tensors(model)  # e.g. DynUNet heads from the relevance pass: the trials deep-copy the model
     unpool = [n for n, m in model.named_modules() if isinstance(m, nn.modules.pooling._MaxUnpoolNd)]
-    if unpool:  # Quicknat: the unpooling indices come from the encoder's pooling, a coupling torch-pruning never sees
+    if (
+        unpool
+    ):  # Quicknat: the unpooling indices come from the encoder's pooling, a coupling torch-pruning never sees
         raise NotImplementedError(
             f"{type(model).__name__} is not supported: its MaxUnpool layers {unpool[:3]} reuse the indices of an "
             "encoder max-pooling, which torch-pruning does not couple to the decoder channels (docs/networks.md)"
