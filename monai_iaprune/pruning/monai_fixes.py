@@ -388,7 +388,9 @@ def _token_streams(model: nn.Module) -> list[nn.Module]:
 
     found: list[nn.Module] = []
     for vit in model.modules():
-        if not isinstance(vit, ViT) or vit.classification:
+        if (
+            not isinstance(vit, ViT) or vit.classification or vit is model
+        ):  # a bare ViT: its tokens are the output
             continue
         found += [m for m in vit.patch_embedding.modules() if isinstance(m, PRUNABLE_TYPES)]
         for block in vit.blocks:
@@ -406,10 +408,14 @@ def _unetr_up_concats(model: nn.Module) -> list[nn.Module]:
     conv keeps that coupled group; the residual convs of every decoder block stay prunable.
     """
     from monai.networks.blocks.unetr_block import UnetrUpBlock
+    from monai.networks.nets import UNETR
 
+    # only inside UNETR: SwinUNETR's UnetrUpBlock decoders prune correctly (tests/test_sweep.py)
     return [
         m
-        for up in model.modules()
+        for unetr in model.modules()
+        if isinstance(unetr, UNETR)
+        for up in unetr.modules()
         if isinstance(up, UnetrUpBlock)
         for m in up.transp_conv.modules()
         if isinstance(m, PRUNABLE_TYPES)
