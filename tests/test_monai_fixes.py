@@ -211,3 +211,52 @@ def test_cached_concat_mapping_gives_the_same_pruning(monkeypatch):
     assert runs[True][1] == runs[False][1]
     torch.testing.assert_close(runs[True][3], runs[False][3])
     assert runs[True][2] < runs[False][2] / 2
+
+
+class _BroadcastGate(nn.Module):
+    """``x * sigmoid(bn(conv(x)))`` with a one-channel gate, as MONAI ``AttentionBlock`` (``AttentionUnet``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.psi = nn.Sequential(nn.Conv2d(4, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.out(x * self.psi(x))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_broadcast_gate_is_not_coupled_to_the_gated_channels(monkeypatch, fixed):
+    if not fixed:
+        monkeypatch.setattr(F, "broadcast_inputs_decoupled", contextlib.nullcontext)
+    net = _BroadcastGate().eval()
+    x = torch.randn(1, 1, 8, 8)
+    with F.monai_pruning_fixes(net):
+        dg = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+        group = dg.get_pruning_group(net.conv, tp.prune_conv_out_channels, idxs=[0, 1])
+        coupled = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
+        if not fixed:  # torch-pruning couples the gate: channel 0 empties its one-channel norm
+            assert net.psi[1] in coupled
+            group.prune()
+            assert net.psi[0].weight.shape[0] == 0
+            with pytest.raises(RuntimeError):
+                net(x)
+            return
+        assert net.psi[0] not in coupled and net.psi[1] not in coupled
+        group.prune()
+    assert (net.conv.out_channels, net.psi[0].in_channels, net.psi[1].num_features) == (2, 2, 1)
+    assert net(x).shape == (1, 2, 8, 8)
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_attention_unet_prunes_to_half_the_macs(sd):
+    torch.manual_seed(0)
+    net = nets.AttentionUnet(sd, 1, 2, channels=(8, 16, 32), strides=(2, 2))
+    x = torch.randn(1, 1, *(16,) * sd)
+    rel = channel_relevance(net, None, "magnitude", progress=False)
+    result = prune(net, rel, 0.5, example_inputs=x, target="macs")
+    assert result.macs_removed >= 0.49
+    assert all(m.num_features == 1 for n, m in net.named_modules() if n.endswith("psi.1"))
+    assert net.eval()(x).shape == x.shape[:1] + (2,) + x.shape[2:]

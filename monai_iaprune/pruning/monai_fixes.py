@@ -169,15 +169,51 @@ def instance_norm_outputs_copied() -> Iterator[None]:
         cls.forward = original
 
 
+_ORIGINAL_BUILD_DEPENDENCY = tp.DependencyGraph._build_dependency
+
+
+def _build_dependency_without_broadcasts(graph, module2node) -> None:
+    """``DependencyGraph._build_dependency`` after cutting the single-channel inputs of element-wise ops.
+
+    torch-pruning treats every input of an element-wise op as the same channels, so ``x * gate`` with a
+    one-channel gate broadcast over ``x`` (MONAI ``AttentionBlock``: ``x * psi``, used by ``AttentionUnet``) couples
+    the gate's 1-channel conv and norm to ``x``'s group: pruning ``x``'s channel 0 empties the norm ("index 0 out
+    of range for tensor of size [0]") and other channels shrink the conv's ``out_channels`` below its weight.
+    A broadcast input has no channel positions to share, so its edge carries no dependency.
+    """
+    for node in list(module2node.values()):
+        if node.type != ops.OPTYPE.ELEMENTWISE or len(node.inputs) < 2:
+            continue
+        widths = [_infer_out_channels(graph, n, [0]) for n in node.inputs]
+        if max((w for w in widths if w is not None), default=0) <= 1:
+            continue
+        for in_node, width in zip(list(node.inputs), widths):
+            if width == 1:
+                node.inputs.remove(in_node)
+                in_node.outputs.remove(node)
+    _ORIGINAL_BUILD_DEPENDENCY(graph, module2node)
+
+
+@contextmanager
+def broadcast_inputs_decoupled() -> Iterator[None]:
+    """Leave one-channel (broadcast) inputs of element-wise ops out of dependency groups while the context is active."""
+    tp.DependencyGraph._build_dependency = _build_dependency_without_broadcasts
+    try:
+        yield
+    finally:
+        tp.DependencyGraph._build_dependency = _ORIGINAL_BUILD_DEPENDENCY
+
+
 @contextmanager
 def monai_pruning_fixes(model: nn.Module) -> Iterator[None]:
     """Context in which torch-pruning can trace and prune ``model`` (a MONAI network or any torch module).
 
-    Applies ``concat_width_fix``, ``no_inplace_activations``, ``instance_norm_outputs_copied`` and
-    ``cached_concat_mapping``; all are undone on exit.
+    Applies ``concat_width_fix``, ``no_inplace_activations``, ``instance_norm_outputs_copied``,
+    ``broadcast_inputs_decoupled`` and ``cached_concat_mapping``; all are undone on exit.
     """
     with ExitStack() as stack:
         stack.enter_context(concat_width_fix())
+        stack.enter_context(broadcast_inputs_decoupled())
         stack.enter_context(no_inplace_activations(model))
         stack.enter_context(instance_norm_outputs_copied())
         stack.enter_context(cached_concat_mapping())
