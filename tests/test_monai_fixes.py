@@ -260,3 +260,30 @@ def test_attention_unet_prunes_to_half_the_macs(sd):
     assert result.macs_removed >= 0.49
     assert all(m.num_features == 1 for n, m in net.named_modules() if n.endswith("psi.1"))
     assert net.eval()(x).shape == x.shape[:1] + (2,) + x.shape[2:]
+
+
+class _SharedHead(nn.Module):
+    """One head run on two features, only the last call returned (``DAF3D``'s ``predict2`` in eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        self.head(torch.relu(self.a(x)))  # a deep-supervision prediction, used in training only
+        return self.head(torch.relu(self.b(x)))
+
+
+def test_every_call_of_a_shared_layer_couples_its_producers():
+    torch.manual_seed(0)
+    net = _SharedHead()
+    x = torch.randn(1, 1, 8, 8)
+    nn.init.uniform_(
+        net.a.weight, 1.0, 2.0
+    )  # a's channels rank above b's: a global ranking would prune only b
+    rel = channel_relevance(net, None, "magnitude", progress=False)
+    result = prune(net, rel, 0.4, example_inputs=x)
+    assert result.params_removed >= 0.3
+    assert net.a.out_channels == net.b.out_channels == net.head.in_channels < 8
+    assert net.eval()(x).shape == (1, 2, 8, 8)

@@ -274,7 +274,7 @@ def trace_kwargs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, An
 
     def forward_fn(net: nn.Module, inputs: Any) -> list[torch.Tensor]:
         main, layer_outputs = _traced_forward(net, inputs, train)
-        return main + list(layer_outputs.values())
+        return main + [o for _, o in layer_outputs]
 
     forward_fn.train = train
     return {"forward_fn": forward_fn}
@@ -282,13 +282,18 @@ def trace_kwargs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, An
 
 def _traced_forward(
     net: nn.Module, inputs: Any, train: bool
-) -> tuple[list[torch.Tensor], dict[nn.Module, torch.Tensor]]:
-    """(network output tensors, ``{conv / linear layer: its last output}``) of one forward."""
-    outputs: dict[nn.Module, torch.Tensor] = {}
+) -> tuple[list[torch.Tensor], list[tuple[nn.Module, torch.Tensor]]]:
+    """(network output tensors, ``[(conv / linear layer, its output)]`` for every call) of one forward.
+
+    Every call, not only a layer's last: ``DAF3D`` runs one ``predict2`` head on four attention features, four
+    attention maps and the ASPP output, and only the last reaches the output; the other producers are coupled to
+    the same input channels and are traced only from these outputs.
+    """
+    outputs: list[tuple[nn.Module, torch.Tensor]] = []
 
     def record(mod, i, o):
         if isinstance(o, torch.Tensor) and o.grad_fn is not None:
-            outputs[mod] = o
+            outputs.append((mod, o))
 
     handles = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, PRUNABLE_TYPES)]
     try:
@@ -314,7 +319,7 @@ def output_producers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.
     train = trace_kwargs(model, example_inputs)["forward_fn"].train
     with torch.enable_grad():
         main, outputs = _traced_forward(model, example_inputs, train)
-    producer = {o.grad_fn: m for m, o in outputs.items()}
+    producer = {o.grad_fn: m for m, o in outputs}
     found: list[nn.Module] = []
     seen: set = set()
     stack = [t.grad_fn for t in main if t.grad_fn is not None]
@@ -330,14 +335,16 @@ def output_producers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.
     # consumed: the layer's grad_fn lies behind the network output or behind another layer's output
     consumed: set = set()
     stack = [t.grad_fn for t in main if t.grad_fn is not None]
-    stack += [nxt for o in outputs.values() for nxt, _ in o.grad_fn.next_functions]
+    stack += [nxt for _, o in outputs for nxt, _ in o.grad_fn.next_functions]
     while stack:
         fn = stack.pop()
         if fn is None or fn in consumed:
             continue
         consumed.add(fn)
         stack.extend(nxt for nxt, _ in fn.next_functions)
-    found += [m for m, o in outputs.items() if o.grad_fn not in consumed and m not in found]
+    for m, o in outputs:
+        if o.grad_fn not in consumed and m not in found:
+            found.append(m)
     return found
 
 
