@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +67,6 @@ class _Calls:
     def __init__(self, model: nn.Module):
         self.by_module: dict[nn.Module, list[torch.Size]] = {}
         self.by_grad_fn: dict[Any, tuple[nn.Module, torch.Size]] = {}
-        # torch-pruning's counter sums the module tree, so a module reachable under two names (SegResNet's
-        # act_mod, also conv_final.1) counts twice in count_macs; count it the same way
-        self.occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         counted = tuple(op_counter.MODULES_MAPPING)
         self._handles = [
             m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, counted)
@@ -119,7 +115,7 @@ def _group_saving(
             saved = _module_macs(module, inputs, dg.get_in_channels(module), 0) - _module_macs(
                 pruned, inputs, new_in, removed
             )
-            macs += saved * calls.occurrences[id(module)]
+            macs += saved
     # parameter-free counted layers (activations, pooling, upsampling) are autograd nodes of the graph: each
     # loses the group's channels on input and output
     for grad_fn in touched_fns:
@@ -129,7 +125,7 @@ def _group_saving(
         deps = [(d, i) for d, i in group if d.target.grad_fn is grad_fn]
         removed = len(deps[0][1])
         saved = _module_macs(module, [shape], None, 0) - _module_macs(module, [shape], None, removed)
-        macs += saved * calls.occurrences[id(module)]
+        macs += saved
     unit = max(1, pruner._get_channel_groups(group))
     return ChannelCost(
         params / unit, macs / unit, unit, tuple(dict.fromkeys(out_layers)), tuple(dict.fromkeys(in_layers))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.utils import op_counter
 
 from monai_iaprune.pruning.cost import channel_costs
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
@@ -110,9 +111,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
+    """MACs of one forward on ``example_inputs``: torch-pruning's per-layer counts, each layer counted once.
+
+    torch-pruning sums its per-call counts over the module tree, so a layer registered under two names (DynUNet's
+    ``skip_layers`` re-registers every encoder and decoder block: 2x the MACs) counts once per name; here every
+    layer's calls count once, as a per-call hook count does.
+    """
     with torch.no_grad(), quiet_op_counter():
-        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return float(macs)
+        _, _, per_layer, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    counted = op_counter.is_supported_instance
+    return float(sum(per_layer[m] or 0 for m in model.modules() if counted(m)))
 
 
 def _layer_channels(model: nn.Module) -> dict[str, int]:
