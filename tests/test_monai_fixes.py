@@ -287,3 +287,39 @@ def test_every_call_of_a_shared_layer_couples_its_producers():
     assert result.params_removed >= 0.3
     assert net.a.out_channels == net.b.out_channels == net.head.in_channels < 8
     assert net.eval()(x).shape == (1, 2, 8, 8)
+
+
+class _SpatialSlice3d(nn.Module):
+    """``FactorizedReduceBlock`` (``DiNTS``): a strided conv of ``x`` and one of ``x[:, :, 1:, 1:, 1:]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 6, 3, padding=1)
+        self.conv_1, self.conv_2 = nn.Conv3d(6, 2, 1, stride=2), nn.Conv3d(6, 2, 1, stride=2)
+
+    def forward(self, x):
+        x = self.a(x)
+        return torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:, 1:])], 1)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_spatial_slice_of_a_5d_tensor_keeps_channel_indices(monkeypatch, fixed):
+    if not fixed:
+        monkeypatch.setattr(F, "spatial_slice_fix", contextlib.nullcontext)
+    torch.manual_seed(0)
+    net = _SpatialSlice3d().eval()
+    weight = net.conv_2.weight.detach().clone()
+    x = torch.randn(1, 1, 4, 4, 4)
+    with F.monai_pruning_fixes(net):
+        dg = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+        group = dg.get_pruning_group(net.a, tp.prune_conv_out_channels, idxs=[0, 1])
+        pruned = {dep.target.module: sorted(idxs) for dep, idxs in group}
+        group.prune()
+    # oracle: the slice is spatial, so conv_2 loses the same input channels as conv_1
+    assert (pruned.get(net.conv_2) == [0, 1]) == fixed
+    if not fixed:  # conv_2 kept its 6 input channels behind a 4-channel slice
+        with pytest.raises(RuntimeError, match="channels"):
+            net(x)
+        return
+    torch.testing.assert_close(net.conv_2.weight, weight[:, 2:])
+    assert net(x).shape == (1, 4, 2, 2, 2)

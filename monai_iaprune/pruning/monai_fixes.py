@@ -169,6 +169,32 @@ def instance_norm_outputs_copied() -> Iterator[None]:
         cls.forward = original
 
 
+_ORIGINAL_SLICE_MAPPING = index_mapping.update_slice_index_mapping
+
+
+def _slice_mapping_channels_only(graph, slice_node) -> None:
+    """``update_slice_index_mapping`` that leaves spatial slices of 5-D (3D image) tensors alone.
+
+    torch-pruning 1.6.1 recognises a slice along a non-channel dimension only for 3-D and 4-D tensors; on a 5-D
+    tensor every slice is mapped as a channel slice, so ``x[:, :, 1:, 1:, 1:]`` (MONAI ``FactorizedReduceBlock``
+    in a 3D ``DiNTS``) shifts the pruned indices of the conv reading it by one: the pruned network breaks.
+    """
+    sizes = getattr(slice_node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is not None and len(sizes) == 5 and slice_node.module.dim not in (1, -4):
+        return
+    _ORIGINAL_SLICE_MAPPING(graph, slice_node)
+
+
+@contextmanager
+def spatial_slice_fix() -> Iterator[None]:
+    """Leave 5-D spatial slices out of torch-pruning's channel index mapping while the context is active."""
+    index_mapping.update_slice_index_mapping = _slice_mapping_channels_only
+    try:
+        yield
+    finally:
+        index_mapping.update_slice_index_mapping = _ORIGINAL_SLICE_MAPPING
+
+
 _ORIGINAL_BUILD_DEPENDENCY = tp.DependencyGraph._build_dependency
 
 
@@ -209,10 +235,11 @@ def monai_pruning_fixes(model: nn.Module) -> Iterator[None]:
     """Context in which torch-pruning can trace and prune ``model`` (a MONAI network or any torch module).
 
     Applies ``concat_width_fix``, ``no_inplace_activations``, ``instance_norm_outputs_copied``,
-    ``broadcast_inputs_decoupled`` and ``cached_concat_mapping``; all are undone on exit.
+    ``broadcast_inputs_decoupled``, ``spatial_slice_fix`` and ``cached_concat_mapping``; all are undone on exit.
     """
     with ExitStack() as stack:
         stack.enter_context(concat_width_fix())
+        stack.enter_context(spatial_slice_fix())
         stack.enter_context(broadcast_inputs_decoupled())
         stack.enter_context(no_inplace_activations(model))
         stack.enter_context(instance_norm_outputs_copied())
