@@ -71,6 +71,24 @@ def _cls(fn, d2=32, d3=16, dims=(2, 3)):
     return Case(lambda sd: (fn(sd), _size(sd, d2, d3), False), dims)
 
 
+def _bn_calibrated(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """``net`` with batch-norm statistics of one random batch, as in any trained network.
+
+    MONAI's EfficientNet init (fan-out normal) shrinks activations at each of B0's 16 depthwise blocks while the
+    norms still hold mean 0 / var 1: logits of ~1e-14, which LRP's epsilon (1e-6) absorbs (all-zero relevance).
+    """
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: one batch sets the statistics
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(2, *shape))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    return net.eval()
+
+
 def _efficientnet(sd):
     blocks = ["r1_k3_s11_e1_i32_o16_se0.25", "r1_k3_s22_e4_i16_o24_se0.25", "r1_k5_s22_e4_i24_o40_se0.25"]
     return nets.EfficientNet(
@@ -189,8 +207,11 @@ IN_SCOPE: dict[str, Case] = {
     ),
     "EfficientNet": _cls(_efficientnet),
     "EfficientNetBN": _cls(
-        lambda sd: nets.EfficientNetBN(
-            "efficientnet-b0", pretrained=False, spatial_dims=sd, in_channels=1, num_classes=CLASSES
+        lambda sd: _bn_calibrated(
+            nets.EfficientNetBN(
+                "efficientnet-b0", pretrained=False, spatial_dims=sd, in_channels=1, num_classes=CLASSES
+            ),
+            (1,) + _size(sd, 32, 32),
         ),
         32,
         32,
