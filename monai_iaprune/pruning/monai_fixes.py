@@ -492,6 +492,18 @@ def _unetr_up_concats(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def _vae_reshaped_linears(model: nn.Module) -> list[nn.Module]:
+    """``SegResNetVAE.vae_fc3``: its output is viewed as ``[B, smallest_filters, *fc_insize]`` feature maps.
+
+    The width of that view is fixed at build time and torch-pruning does not map a linear output onto the
+    channels of a reshape, so pruning ``vae_fc3`` breaks the VAE branch in training ("shape '[-1, 16, ...]' is
+    invalid"). Kept whole; the VAE convs stay prunable.
+    """
+    from monai.networks.nets import SegResNetVAE
+
+    return [m.vae_fc3 for m in model.modules() if isinstance(m, SegResNetVAE)]
+
+
 def pruner_kwargs_for(model: nn.Module) -> dict[str, Any]:
     """Extra ``MetaPruner`` arguments a MONAI network family needs.
 
@@ -516,7 +528,8 @@ def pruner_kwargs_for(model: nn.Module) -> dict[str, Any]:
     if heads:
         kwargs["num_heads"] = heads
     # MetaPruner ignores every submodule of an ignored module, and every group one of them is pruned in
-    ignored = swin + [m for m in _token_streams(model) + _unetr_up_concats(model) if id(m) not in inside_swin]
+    layers = _token_streams(model) + _unetr_up_concats(model) + _vae_reshaped_linears(model)
+    ignored = swin + [m for m in layers if id(m) not in inside_swin]
     if ignored:
         kwargs["ignored_layers"] = ignored
     return kwargs
