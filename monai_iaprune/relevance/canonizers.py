@@ -32,6 +32,7 @@ import torch
 from monai.networks.blocks import ChannelSELayer, ResidualUnit, SABlock, SEBlock, TransformerBlock
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets.ahnet import Bottleneck3x3x1, Pseudo3DLayer
+from monai.networks.nets.efficientnet import MBConvBlock
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -300,6 +301,21 @@ def _pseudo3d_layer_forward(self: Pseudo3DLayer, x: torch.Tensor) -> torch.Tenso
     return torch.cat([x, new_features], 1)
 
 
+def _mbconv_forward(self: MBConvBlock, inputs: torch.Tensor) -> torch.Tensor:
+    x = inputs
+    if self.expand_ratio != 1:
+        x = self._swish(self._bn0(self._expand_conv(self._expand_conv_padding(x))))
+    x = self._swish(self._bn1(self._depthwise_conv(self._depthwise_conv_padding(x))))
+    if self.has_se:  # the sigmoid gate is a constant for relevance, as in SEGateCanonizer
+        squeezed = self._se_reduce(self._se_reduce_padding(self._se_adaptpool(x)))
+        squeezed = self._se_expand(self._se_expand_padding(self._swish(squeezed)))
+        x = _ConstantGate.apply(x, torch.sigmoid(squeezed))
+    x = self._bn2(self._project_conv(self._project_conv_padding(x)))
+    if self.id_skip and self.stride == 1 and self.in_channels == self.out_channels:
+        x = _sum(self, x, inputs)  # drop connect is off in eval mode
+    return x
+
+
 def _transformer_block_forward(self: TransformerBlock, x, context=None, attn_mask=None):
     x = _sum(self, x, self.attn(self.norm1(x), attn_mask=attn_mask), key="canonizer_sum_attn")
     if self.with_cross_attention:
@@ -324,9 +340,10 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
 
     Handles ``ResidualUnit`` (UNet with ``num_res_units > 0``), ``ResNetBlock`` / ``ResNetBottleneck`` (MONAI
     ResNet), ``SEBlock`` and its subclasses (SEResNet / SENet / SEResNeXt bottlenecks), ``SkipConnection`` in
-    ``"add"`` mode, ViT ``TransformerBlock`` and AHNet's ``Bottleneck3x3x1`` / ``Pseudo3DLayer`` (without them the
-    copied relevance doubles at each of AHNet's residual sums and overflows float32 in 3D: NaN relevance). The
-    forward methods are equivalent re-statements of MONAI's.
+    ``"add"`` mode, ViT ``TransformerBlock``, AHNet's ``Bottleneck3x3x1`` / ``Pseudo3DLayer`` (without them the
+    copied relevance doubles at each of AHNet's residual sums and overflows float32 in 3D: NaN relevance) and
+    EfficientNet's ``MBConvBlock`` (its skip sum, and its SE gate held constant; without them relevance grew
+    1e10-fold over B0's blocks). The forward methods are equivalent re-statements of MONAI's.
     """
 
     forwards: dict[type, Callable] = {
@@ -338,6 +355,7 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
         TransformerBlock: _transformer_block_forward,
         Bottleneck3x3x1: _ahnet_bottleneck_forward,
         Pseudo3DLayer: _pseudo3d_layer_forward,
+        MBConvBlock: _mbconv_forward,
     }
 
     @classmethod
