@@ -323,3 +323,42 @@ def test_spatial_slice_of_a_5d_tensor_keeps_channel_indices(monkeypatch, fixed):
         return
     torch.testing.assert_close(net.conv_2.weight, weight[:, 2:])
     assert net(x).shape == (1, 4, 2, 2, 2)
+
+
+class _PerChannelGroupNorm(nn.Module):
+    """conv -> ``GroupNorm(C, C)`` -> conv, MedNeXt's normalisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = (
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.GroupNorm(4, 4),
+            nn.Conv2d(4, 2, 1),
+        )
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_per_channel_group_norm_prunes_as_a_per_channel_norm(monkeypatch, fixed):
+    if not fixed:
+        monkeypatch.setattr(F, "per_channel_group_norms", contextlib.nullcontext)
+    torch.manual_seed(0)
+    net, x = _PerChannelGroupNorm().eval(), torch.randn(1, 1, 8, 8)
+    with (
+        torch.no_grad()
+    ):  # oracle: the kept channels are normalised as before, the head loses input channel 0
+        h = net.norm(net.conv(x))[:, 1:]
+        expected = nn.functional.conv2d(h, net.head.weight[:, 1:], net.head.bias)
+    with F.monai_pruning_fixes(net):
+        pruner = _magnitude_pruner(net, x, 0.25, [net.head])
+        group = pruner.DG.get_pruning_group(net.conv, tp.prune_conv_out_channels, idxs=[0])
+        assert pruner._get_channel_groups(group) == (1 if fixed else 4)
+        group.prune()
+    if not fixed:  # GroupNorm(3 channels, 4 groups)
+        with pytest.raises(RuntimeError, match="divisible"):
+            net(x)
+        return
+    assert (net.norm.num_channels, net.norm.num_groups) == (3, 3)
+    torch.testing.assert_close(net(x), expected)

@@ -195,6 +195,41 @@ def spatial_slice_fix() -> Iterator[None]:
         index_mapping.update_slice_index_mapping = _ORIGINAL_SLICE_MAPPING
 
 
+_GN_PRUNER = tp.pruner.function.GroupNormPruner
+_ORIGINAL_GN = (_GN_PRUNER.prune_out_channels, _GN_PRUNER.get_out_channel_groups)
+
+
+def _prune_group_norm(self, layer: nn.GroupNorm, idxs) -> nn.Module:
+    per_channel = layer.num_groups == layer.num_channels
+    _ORIGINAL_GN[0](self, layer, idxs)
+    if per_channel:
+        layer.num_groups = layer.num_channels
+    return layer
+
+
+def _group_norm_channel_groups(self, layer: nn.GroupNorm) -> int:
+    return 1 if layer.num_groups == layer.num_channels else layer.num_groups
+
+
+@contextmanager
+def per_channel_group_norms() -> Iterator[None]:
+    """Prune a ``GroupNorm`` with one channel per group (``num_groups == num_channels``) as a per-channel norm.
+
+    torch-pruning removes the same position from every group of a GroupNorm; with groups of one channel that is
+    every channel, so ``_limit_group`` (and torch-pruning) never prunes its group. MedNeXt normalises with
+    ``GroupNorm(C, C)`` (and SegResNet's first level with 8 filters is ``GroupNorm(8, 8)``): in 3D its full-resolution
+    residual stream holds most MACs and 50 % of MACs was unreachable. A per-channel GroupNorm stays one when
+    pruned (``num_groups`` follows ``num_channels``), normalising the kept channels as before.
+    """
+    _GN_PRUNER.prune_out_channels = _GN_PRUNER.prune_in_channels = _prune_group_norm
+    _GN_PRUNER.get_out_channel_groups = _GN_PRUNER.get_in_channel_groups = _group_norm_channel_groups
+    try:
+        yield
+    finally:
+        _GN_PRUNER.prune_out_channels = _GN_PRUNER.prune_in_channels = _ORIGINAL_GN[0]
+        _GN_PRUNER.get_out_channel_groups = _GN_PRUNER.get_in_channel_groups = _ORIGINAL_GN[1]
+
+
 _ORIGINAL_BUILD_DEPENDENCY = tp.DependencyGraph._build_dependency
 
 
@@ -235,10 +270,12 @@ def monai_pruning_fixes(model: nn.Module) -> Iterator[None]:
     """Context in which torch-pruning can trace and prune ``model`` (a MONAI network or any torch module).
 
     Applies ``concat_width_fix``, ``no_inplace_activations``, ``instance_norm_outputs_copied``,
-    ``broadcast_inputs_decoupled``, ``spatial_slice_fix`` and ``cached_concat_mapping``; all are undone on exit.
+    ``broadcast_inputs_decoupled``, ``spatial_slice_fix``, ``per_channel_group_norms`` and
+    ``cached_concat_mapping``; all are undone on exit.
     """
     with ExitStack() as stack:
         stack.enter_context(concat_width_fix())
+        stack.enter_context(per_channel_group_norms())
         stack.enter_context(spatial_slice_fix())
         stack.enter_context(broadcast_inputs_decoupled())
         stack.enter_context(no_inplace_activations(model))
