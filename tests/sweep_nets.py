@@ -75,7 +75,7 @@ def _bn_calibrated(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """``net`` with batch-norm statistics of one random batch, as in any trained network.
 
     MONAI's EfficientNet init (fan-out normal) shrinks activations at each of B0's 16 depthwise blocks while the
-    norms still hold mean 0 / var 1: logits of ~1e-14, which LRP's epsilon (1e-6) absorbs (all-zero relevance).
+    norms still hold mean 0 / var 1: activations of ~1e-14, which LRP's epsilon (1e-6) absorbs (all-zero relevance).
     """
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -216,9 +216,10 @@ IN_SCOPE: dict[str, Case] = {
         32,
         32,
     ),
-    "FlexibleUNet": _seg(
-        lambda sd: nets.FlexibleUNet(
-            1, 2, "efficientnet-b0", spatial_dims=sd, decoder_channels=(16, 16, 8, 8, 8)
+    "FlexibleUNet": _seg(  # EfficientNet-B0 encoder: batch norms calibrated as for EfficientNetBN
+        lambda sd: _bn_calibrated(
+            nets.FlexibleUNet(1, 2, "efficientnet-b0", spatial_dims=sd, decoder_channels=(16, 16, 8, 8, 8)),
+            (1,) + _size(sd, 64, 32),
         ),
         64,
         32,

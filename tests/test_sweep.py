@@ -22,9 +22,6 @@ UNSUPPORTED: dict[tuple[str, int, str], str] = {
     # the Swin transformer is kept whole (SwinUNETR notes in pruning/monai_fixes.py): at 32^3 it holds over
     # half of the MACs, so removing up to 90 % of every conv reaches 0.29
     ("SwinUNETR", 3, "macs"): "cannot be reached",
-    # 57 % of the MACs sit in the two full-resolution decoder convs (8 channels at 32^3), which the global ranking
-    # leaves unpruned even at a channel ratio of 0.9 (local pruning does prune them): at most 0.07 of the MACs
-    ("FlexibleUNet", 3, "macs"): "cannot be reached",
 }
 
 METHODS_SWEPT = ["taylor"] + (["lrp"] if "lrp" in METHODS else [])
