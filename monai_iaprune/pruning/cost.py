@@ -55,7 +55,10 @@ def _module_macs(module: nn.Module, inputs: list[torch.Size], in_channels: int |
         shape[dim] = shape[dim] - removed if in_channels is None else in_channels
         x = torch.empty(shape, device="meta")
         module.__flops__ = 0
-        hook(module, (x,), module(x))
+        # a norm keeps its input's shape; running it would check sizes a batch-1 trace can fail (GroupNorm over
+        # one voxel per group, SegResNetVAE-3D's VAE branch: "Expected more than 1 value per channel")
+        norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        hook(module, (x,), x if norm else module(x))
         total += int(module.__flops__)
         del module.__flops__
     return total
