@@ -233,6 +233,19 @@ def per_channel_group_norms() -> Iterator[None]:
 _ORIGINAL_BUILD_DEPENDENCY = tp.DependencyGraph._build_dependency
 
 
+def _broadcasts_one_channel(grad_fn) -> bool:
+    """Whether ``grad_fn`` multiplies feature maps (``[B, C, *spatial]``) where one factor has a single channel.
+
+    Only products of feature maps: a ViT's token tensors ``[B, N, C]`` (class token, position embedding) keep
+    torch-pruning's coupling.
+    """
+    saved = [getattr(grad_fn, a, None) for a in ("_saved_self", "_saved_other")]
+    shapes = [t.shape for t in saved if isinstance(t, torch.Tensor)]
+    if len(shapes) != 2 or any(len(s) < 4 for s in shapes):
+        return False
+    return min(s[1] for s in shapes) == 1 < max(s[1] for s in shapes)
+
+
 def _build_dependency_without_broadcasts(graph, module2node) -> None:
     """``DependencyGraph._build_dependency`` after cutting the single-channel inputs of element-wise ops.
 
@@ -243,7 +256,11 @@ def _build_dependency_without_broadcasts(graph, module2node) -> None:
     A broadcast input has no channel positions to share, so its edge carries no dependency.
     """
     for node in list(module2node.values()):
-        if node.type != ops.OPTYPE.ELEMENTWISE or len(node.inputs) < 2:
+        if (
+            node.type != ops.OPTYPE.ELEMENTWISE
+            or len(node.inputs) < 2
+            or not _broadcasts_one_channel(node.grad_fn)
+        ):
             continue
         widths = [_infer_out_channels(graph, n, [0]) for n in node.inputs]
         if max((w for w in widths if w is not None), default=0) <= 1:
