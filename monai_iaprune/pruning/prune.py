@@ -464,7 +464,13 @@ def _prune_traced(
             copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
         )
     if cost_aware:
-        costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
+        try:
+            costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
+        except RuntimeError as e:  # ViT: a pruned attention group's members no longer fit (docs/networks.md)
+            raise RuntimeError(
+                f"the cost of a channel of {type(model).__name__} cannot be counted: pruning one channel gives a "
+                f"network that does not run ({str(e).splitlines()[0]}); use target='params' (docs/networks.md)"
+            ) from e
         unit_cost = {}
         for c in costs.values():
             value = {"params": c.params, "macs": c.macs}.get(target)
@@ -483,7 +489,15 @@ def _prune_traced(
         elif target == "latency":
             reached = 1.0 - latency_table.estimate_model(m) / latency_estimate_before
         else:
-            reached = 1.0 - count_macs(m, example_inputs) / macs_before
+            try:
+                reached = 1.0 - count_macs(m, example_inputs) / macs_before
+            except (
+                RuntimeError
+            ) as e:  # a coupling torch-pruning's groups missed (ViT attention heads under macs)
+                raise RuntimeError(
+                    f"pruning {type(model).__name__} at channel ratio {p:.3f} gave a network that does not run "
+                    f"({str(e).splitlines()[0]}): a channel coupling is not mapped (docs/networks.md)"
+                ) from e
         return m, reached, hist
 
     if target == "channels":
