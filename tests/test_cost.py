@@ -114,3 +114,12 @@ def test_single_channel_layers_get_no_cost():
     )  # fmt: skip
     costs = channel_costs(net, torch.randn(1, 1, 12, 12))
     assert "0" not in costs and costs["3"].macs > 0
+
+
+def test_norm_macs_from_a_one_voxel_batch_one_shape():
+    """SegResNetVAE-3D's VAE branch meets a GroupNorm at one voxel: the count needs no forward of the norm."""
+    from monai_iaprune.pruning.cost import _module_macs
+
+    norm = nn.GroupNorm(4, 4).to("meta")
+    macs = _module_macs(norm, [torch.Size([1, 4, 1, 1, 1])], 4, 0)
+    assert macs == _module_macs(norm, [torch.Size([1, 4, 2, 1, 1])], 4, 0) / 2 > 0

@@ -211,3 +211,154 @@ def test_cached_concat_mapping_gives_the_same_pruning(monkeypatch):
     assert runs[True][1] == runs[False][1]
     torch.testing.assert_close(runs[True][3], runs[False][3])
     assert runs[True][2] < runs[False][2] / 2
+
+
+class _BroadcastGate(nn.Module):
+    """``x * sigmoid(bn(conv(x)))`` with a one-channel gate, as MONAI ``AttentionBlock`` (``AttentionUnet``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.psi = nn.Sequential(nn.Conv2d(4, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.out(x * self.psi(x))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_broadcast_gate_is_not_coupled_to_the_gated_channels(monkeypatch, fixed):
+    if not fixed:
+        monkeypatch.setattr(F, "broadcast_inputs_decoupled", contextlib.nullcontext)
+    net = _BroadcastGate().eval()
+    x = torch.randn(1, 1, 8, 8)
+    with F.monai_pruning_fixes(net):
+        dg = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+        group = dg.get_pruning_group(net.conv, tp.prune_conv_out_channels, idxs=[0, 1])
+        coupled = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
+        if not fixed:  # torch-pruning couples the gate: channel 0 empties its one-channel norm
+            assert net.psi[1] in coupled
+            group.prune()
+            assert net.psi[0].weight.shape[0] == 0
+            with pytest.raises(RuntimeError):
+                net(x)
+            return
+        assert net.psi[0] not in coupled and net.psi[1] not in coupled
+        group.prune()
+    assert (net.conv.out_channels, net.psi[0].in_channels, net.psi[1].num_features) == (2, 2, 1)
+    assert net(x).shape == (1, 2, 8, 8)
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_attention_unet_prunes_to_half_the_macs(sd):
+    torch.manual_seed(0)
+    net = nets.AttentionUnet(sd, 1, 2, channels=(8, 16, 32), strides=(2, 2))
+    x = torch.randn(1, 1, *(16,) * sd)
+    rel = channel_relevance(net, None, "magnitude", progress=False)
+    result = prune(net, rel, 0.5, example_inputs=x, target="macs")
+    assert result.macs_removed >= 0.49
+    assert all(m.num_features == 1 for n, m in net.named_modules() if n.endswith("psi.1"))
+    assert net.eval()(x).shape == x.shape[:1] + (2,) + x.shape[2:]
+
+
+class _SharedHead(nn.Module):
+    """One head run on two features, only the last call returned (``DAF3D``'s ``predict2`` in eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        self.head(torch.relu(self.a(x)))  # a deep-supervision prediction, used in training only
+        return self.head(torch.relu(self.b(x)))
+
+
+def test_every_call_of_a_shared_layer_couples_its_producers():
+    torch.manual_seed(0)
+    net = _SharedHead()
+    x = torch.randn(1, 1, 8, 8)
+    nn.init.uniform_(
+        net.a.weight, 1.0, 2.0
+    )  # a's channels rank above b's: a global ranking would prune only b
+    rel = channel_relevance(net, None, "magnitude", progress=False)
+    result = prune(net, rel, 0.4, example_inputs=x)
+    assert result.params_removed >= 0.3
+    assert net.a.out_channels == net.b.out_channels == net.head.in_channels < 8
+    assert net.eval()(x).shape == (1, 2, 8, 8)
+
+
+class _SpatialSlice3d(nn.Module):
+    """``FactorizedReduceBlock`` (``DiNTS``): a strided conv of ``x`` and one of ``x[:, :, 1:, 1:, 1:]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 6, 3, padding=1)
+        self.conv_1, self.conv_2 = nn.Conv3d(6, 2, 1, stride=2), nn.Conv3d(6, 2, 1, stride=2)
+
+    def forward(self, x):
+        x = self.a(x)
+        return torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:, 1:])], 1)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_spatial_slice_of_a_5d_tensor_keeps_channel_indices(monkeypatch, fixed):
+    if not fixed:
+        monkeypatch.setattr(F, "spatial_slice_fix", contextlib.nullcontext)
+    torch.manual_seed(0)
+    net = _SpatialSlice3d().eval()
+    weight = net.conv_2.weight.detach().clone()
+    x = torch.randn(1, 1, 4, 4, 4)
+    with F.monai_pruning_fixes(net):
+        dg = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+        group = dg.get_pruning_group(net.a, tp.prune_conv_out_channels, idxs=[0, 1])
+        pruned = {dep.target.module: sorted(idxs) for dep, idxs in group}
+        group.prune()
+    # oracle: the slice is spatial, so conv_2 loses the same input channels as conv_1
+    assert (pruned.get(net.conv_2) == [0, 1]) == fixed
+    if not fixed:  # conv_2 kept its 6 input channels behind a 4-channel slice
+        with pytest.raises(RuntimeError, match="channels"):
+            net(x)
+        return
+    torch.testing.assert_close(net.conv_2.weight, weight[:, 2:])
+    assert net(x).shape == (1, 4, 2, 2, 2)
+
+
+class _PerChannelGroupNorm(nn.Module):
+    """conv -> ``GroupNorm(C, C)`` -> conv, MedNeXt's normalisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = (
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.GroupNorm(4, 4),
+            nn.Conv2d(4, 2, 1),
+        )
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_per_channel_group_norm_prunes_as_a_per_channel_norm(monkeypatch, fixed):
+    if not fixed:
+        monkeypatch.setattr(F, "per_channel_group_norms", contextlib.nullcontext)
+    torch.manual_seed(0)
+    net, x = _PerChannelGroupNorm().eval(), torch.randn(1, 1, 8, 8)
+    with (
+        torch.no_grad()
+    ):  # oracle: the kept channels are normalised as before, the head loses input channel 0
+        h = net.norm(net.conv(x))[:, 1:]
+        expected = nn.functional.conv2d(h, net.head.weight[:, 1:], net.head.bias)
+    with F.monai_pruning_fixes(net):
+        pruner = _magnitude_pruner(net, x, 0.25, [net.head])
+        group = pruner.DG.get_pruning_group(net.conv, tp.prune_conv_out_channels, idxs=[0])
+        assert pruner._get_channel_groups(group) == (1 if fixed else 4)
+        group.prune()
+    if not fixed:  # GroupNorm(3 channels, 4 groups)
+        with pytest.raises(RuntimeError, match="divisible"):
+            net(x)
+        return
+    assert (net.norm.num_channels, net.norm.num_groups) == (3, 3)
+    torch.testing.assert_close(net(x), expected)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.utils import op_counter
 
-from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
+from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for, trace_kwargs
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES
 
 
@@ -56,7 +55,10 @@ def _module_macs(module: nn.Module, inputs: list[torch.Size], in_channels: int |
         shape[dim] = shape[dim] - removed if in_channels is None else in_channels
         x = torch.empty(shape, device="meta")
         module.__flops__ = 0
-        hook(module, (x,), module(x))
+        # a norm keeps its input's shape; running it would check sizes a batch-1 trace can fail (GroupNorm over
+        # one voxel per group, SegResNetVAE-3D's VAE branch: "Expected more than 1 value per channel")
+        norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        hook(module, (x,), x if norm else module(x))
         total += int(module.__flops__)
         del module.__flops__
     return total
@@ -68,9 +70,6 @@ class _Calls:
     def __init__(self, model: nn.Module):
         self.by_module: dict[nn.Module, list[torch.Size]] = {}
         self.by_grad_fn: dict[Any, tuple[nn.Module, torch.Size]] = {}
-        # torch-pruning's counter sums the module tree, so a module reachable under two names (SegResNet's
-        # act_mod, also conv_final.1) counts twice in count_macs; count it the same way
-        self.occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         counted = tuple(op_counter.MODULES_MAPPING)
         self._handles = [
             m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, counted)
@@ -119,7 +118,7 @@ def _group_saving(
             saved = _module_macs(module, inputs, dg.get_in_channels(module), 0) - _module_macs(
                 pruned, inputs, new_in, removed
             )
-            macs += saved * calls.occurrences[id(module)]
+            macs += saved
     # parameter-free counted layers (activations, pooling, upsampling) are autograd nodes of the graph: each
     # loses the group's channels on input and output
     for grad_fn in touched_fns:
@@ -129,7 +128,7 @@ def _group_saving(
         deps = [(d, i) for d, i in group if d.target.grad_fn is grad_fn]
         removed = len(deps[0][1])
         saved = _module_macs(module, [shape], None, 0) - _module_macs(module, [shape], None, removed)
-        macs += saved * calls.occurrences[id(module)]
+        macs += saved
     unit = max(1, pruner._get_channel_groups(group))
     return ChannelCost(
         params / unit, macs / unit, unit, tuple(dict.fromkeys(out_layers)), tuple(dict.fromkeys(in_layers))
@@ -174,6 +173,7 @@ def channel_costs(
             raise KeyError(f"ignored layer {item!r} is not a module of {type(model).__name__}")
         ignored.append(modules[name])
     extra = pruner_kwargs_for(meta)
+    extra.update(trace_kwargs(meta, x))
     extra.update(pruner_kwargs or {})
     ignored += extra.pop("ignored_layers", [])
     names = {m: n for n, m in modules.items()}

@@ -11,11 +11,19 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.utils import op_counter
 
 from monai_iaprune.pruning.cost import channel_costs
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
 from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
-from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for
+from monai_iaprune.pruning.monai_fixes import (
+    monai_pruning_fixes,
+    output_producers,
+    padded_residual_layers,
+    pruner_kwargs_for,
+    release_held_tensors,
+    trace_kwargs,
+)
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
 from monai_iaprune.relevance.registry import METHODS
@@ -104,9 +112,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
+    """MACs of one forward on ``example_inputs``: torch-pruning's per-layer counts, each layer counted once.
+
+    torch-pruning sums its per-call counts over the module tree, so a layer registered under two names (DynUNet's
+    ``skip_layers`` re-registers every encoder and decoder block: 2x the MACs) counts once per name; here every
+    layer's calls count once, as a per-call hook count does.
+    """
     with torch.no_grad(), quiet_op_counter():
-        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return float(macs)
+        _, _, per_layer, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    counted = op_counter.is_supported_instance
+    return float(sum(per_layer[m] or 0 for m in model.modules() if counted(m)))
 
 
 def _layer_channels(model: nn.Module) -> dict[str, int]:
@@ -116,8 +131,9 @@ def _layer_channels(model: nn.Module) -> dict[str, int]:
 def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """Layers whose output channels are the network's output channels (classifier heads, seg output convs).
 
-    The last conv / linear layer run in forward is found by hooks; every layer coupled to its
-    output channels in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
+    The last conv / linear layer run in forward is found by hooks, and so are the layers behind every output
+    tensor or kept aside (``output_producers``: deep-supervision heads); every layer coupled to their output channels
+    in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
     """
     order: list[nn.Module] = []
     handles = [
@@ -134,16 +150,25 @@ def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Mod
             h.remove()
     if not order:
         return []
-    last = order[-1]
+    found = [order[-1]]
+    found += [m for m in output_producers(model, example_inputs) if m not in found]
     with monai_pruning_fixes(model):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    out_fn = dg.get_pruner_of_module(last).prune_out_channels
-    group = dg.get_pruning_group(last, out_fn, idxs=[0])
-    found = [last]
-    for dep, _ in group:
-        m = dep.target.module
-        if isinstance(m, PRUNABLE_TYPES) and dep.handler.__name__ == "prune_out_channels" and m not in found:
-            found.append(m)
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, **trace_kwargs(model, example_inputs)
+        )
+    for last in list(found):
+        if last not in dg.module2node:
+            continue
+        out_fn = dg.get_pruner_of_module(last).prune_out_channels
+        group = dg.get_pruning_group(last, out_fn, idxs=[0])
+        for dep, _ in group:
+            m = dep.target.module
+            if (
+                isinstance(m, PRUNABLE_TYPES)
+                and dep.handler.__name__ == "prune_out_channels"
+                and m not in found
+            ):
+                found.append(m)
     return found
 
 
@@ -420,6 +445,15 @@ def _prune_traced(
     latency_table, latency_device, threads,
 ) -> PruneResult:  # fmt: skip
     """``prune`` after its argument checks, with every parameter trainable and the model in eval mode."""
+    release_held_tensors(model)  # e.g. DynUNet heads from the relevance pass: the trials deep-copy the model
+    unpool = [n for n, m in model.named_modules() if isinstance(m, nn.modules.pooling._MaxUnpoolNd)]
+    if (
+        unpool
+    ):  # Quicknat: the unpooling indices come from the encoder's pooling, a coupling torch-pruning never sees
+        raise NotImplementedError(
+            f"{type(model).__name__} is not supported: its MaxUnpool layers {unpool[:3]} reuse the indices of an "
+            "encoder max-pooling, which torch-pruning does not couple to the decoder channels (docs/networks.md)"
+        )
     modules = dict(model.named_modules())
     ignored: list[nn.Module] = []
     for item in ignored_layers or []:
@@ -429,7 +463,9 @@ def _prune_traced(
             item = modules[item]
         ignored.append(item)
     ignored += [m for m in output_layers(model, example_inputs) if m not in ignored]
+    ignored += [m for m in padded_residual_layers(model, example_inputs) if m not in ignored]
     extra = pruner_kwargs_for(model)
+    extra.update(trace_kwargs(model, example_inputs))
     extra.update(pruner_kwargs or {})
     ignored += [m for m in extra.pop("ignored_layers", []) if m not in ignored]
     channels_before = _layer_channels(model)
@@ -449,7 +485,13 @@ def _prune_traced(
             copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
         )
     if cost_aware:
-        costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
+        try:
+            costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
+        except RuntimeError as e:  # ViT: a pruned attention group's members no longer fit (docs/networks.md)
+            raise RuntimeError(
+                f"the cost of a channel of {type(model).__name__} cannot be counted: pruning one channel gives a "
+                f"network that does not run ({str(e).splitlines()[0]}); use target='params' (docs/networks.md)"
+            ) from e
         unit_cost = {}
         for c in costs.values():
             value = {"params": c.params, "macs": c.macs}.get(target)
@@ -468,7 +510,15 @@ def _prune_traced(
         elif target == "latency":
             reached = 1.0 - latency_table.estimate_model(m) / latency_estimate_before
         else:
-            reached = 1.0 - count_macs(m, example_inputs) / macs_before
+            try:
+                reached = 1.0 - count_macs(m, example_inputs) / macs_before
+            except (
+                RuntimeError
+            ) as e:  # a coupling torch-pruning's groups missed (ViT attention heads under macs)
+                raise RuntimeError(
+                    f"pruning {type(model).__name__} at channel ratio {p:.3f} gave a network that does not run "
+                    f"({str(e).splitlines()[0]}): a channel coupling is not mapped (docs/networks.md)"
+                ) from e
         return m, reached, hist
 
     if target == "channels":
@@ -523,14 +573,17 @@ def _search_channel_ratio(
     With ``at_least`` (a budget) only ratios removing at least ``ratio`` are returned.
 
     Raises:
-        ValueError: even ``max_layer_ratio`` removes less than ``ratio - tolerance``.
+        ValueError: even a channel ratio of 0.99 (every layer capped at ``max_layer_ratio``) removes less than
+            ``ratio - tolerance``.
     """
 
     def u_of(p: float) -> float:
         return -math.log1p(-p)
 
     goal = u_of(ratio)
-    u_max = u_of(max_layer_ratio)
+    # the global channel ratio is not the per-layer cap: at a global 0.9 the ranking may leave layers below their
+    # cap (VNet-3D, SwinUNETR-3D with taylor), so the search goes on to 0.99; every layer still keeps its share
+    u_max = u_of(max(max_layer_ratio, 0.99))
     lo_u, lo_f = 0.0, -goal
     hi_u: float | None = None
     hi_f = 0.0

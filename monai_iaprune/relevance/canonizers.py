@@ -8,9 +8,10 @@ A canonizer temporarily rewrites a model into an equivalent form that LRP rules 
   ``SequentialMergeBatchNorm`` pairs modules by registration order instead, which on MONAI DenseNet merges a
   dense layer's last conv with the next layer's pre-activation norm across ``torch.cat`` and changes the output.
 - ``ResidualSumCanonizer``: MONAI ``ResidualUnit``, ``ResNetBlock``, ``ResNetBottleneck``, ``SEBlock`` (SEResNet /
-  SENet bottlenecks), ``SkipConnection(mode="add")`` and ViT ``TransformerBlock`` add their branches through an
-  explicit ``zennit.layer.Sum`` module, so the composite's ``Norm`` rule splits relevance in proportion to each
-  branch's contribution instead of copying it to both (which is what the plain gradient of ``a + b`` does).
+  SENet bottlenecks), ``SkipConnection(mode="add")``, ViT ``TransformerBlock`` and AHNet's ``Bottleneck3x3x1`` /
+  ``Pseudo3DLayer`` add their branches through an explicit ``zennit.layer.Sum`` module, so the composite's
+  ``Norm`` rule splits relevance in proportion to each branch's contribution instead of copying it to both
+  (which is what the plain gradient of ``a + b`` does).
 - ``SEGateCanonizer``: ``ChannelSELayer`` multiplies by a sigmoid gate; relevance passes through the gated path
   only (the gate is treated as a constant, its branch gets zero relevance), as is standard for gates.
 - ``AttentionCanonizer``: self-attention treats the softmax attention weights as constants (CP-LRP of
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 from monai.networks.blocks import ChannelSELayer, ResidualUnit, SABlock, SEBlock, TransformerBlock
 from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets.ahnet import Bottleneck3x3x1, Pseudo3DLayer
+from monai.networks.nets.efficientnet import MBConvBlock
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -277,6 +280,42 @@ def _skip_connection_forward(self: SkipConnection, x: torch.Tensor) -> torch.Ten
     return _sum(self, x, self.submodule(x))  # only "add" mode is rewritten; "cat" is conservative as is
 
 
+def _ahnet_bottleneck_forward(self: Bottleneck3x3x1, x: torch.Tensor) -> torch.Tensor:
+    residual = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+        residual = self.downsample(x)
+        if out.size() != residual.size():
+            out = self.pool(out)
+    return self.relu(_sum(self, out, residual))
+
+
+def _pseudo3d_layer_forward(self: Pseudo3DLayer, x: torch.Tensor) -> torch.Tensor:
+    # the 1x1x3 conv reads the 3x3x1 conv's output and both are summed: copied relevance doubled per layer
+    x3x3x1 = self.conv2(self.relu2(self.bn2(self.conv1(self.relu1(self.bn1(x))))))
+    x1x1x3 = self.conv3(self.relu3(self.bn3(x3x3x1)))
+    new_features = self.conv4(self.relu4(self.bn4(_sum(self, x3x3x1, x1x1x3))))
+    # no dropout: MONAI's forward sets dropout_prob = 0.0 before using it
+    return torch.cat([x, new_features], 1)
+
+
+def _mbconv_forward(self: MBConvBlock, inputs: torch.Tensor) -> torch.Tensor:
+    x = inputs
+    if self.expand_ratio != 1:
+        x = self._swish(self._bn0(self._expand_conv(self._expand_conv_padding(x))))
+    x = self._swish(self._bn1(self._depthwise_conv(self._depthwise_conv_padding(x))))
+    if self.has_se:  # the sigmoid gate is a constant for relevance, as in SEGateCanonizer
+        squeezed = self._se_reduce(self._se_reduce_padding(self._se_adaptpool(x)))
+        squeezed = self._se_expand(self._se_expand_padding(self._swish(squeezed)))
+        x = _ConstantGate.apply(x, torch.sigmoid(squeezed))
+    x = self._bn2(self._project_conv(self._project_conv_padding(x)))
+    if self.id_skip and self.stride == 1 and self.in_channels == self.out_channels:
+        x = _sum(self, x, inputs)  # drop connect is off in eval mode
+    return x
+
+
 def _transformer_block_forward(self: TransformerBlock, x, context=None, attn_mask=None):
     x = _sum(self, x, self.attn(self.norm1(x), attn_mask=attn_mask), key="canonizer_sum_attn")
     if self.with_cross_attention:
@@ -301,7 +340,10 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
 
     Handles ``ResidualUnit`` (UNet with ``num_res_units > 0``), ``ResNetBlock`` / ``ResNetBottleneck`` (MONAI
     ResNet), ``SEBlock`` and its subclasses (SEResNet / SENet / SEResNeXt bottlenecks), ``SkipConnection`` in
-    ``"add"`` mode and ViT ``TransformerBlock``. The forward methods are equivalent re-statements of MONAI's.
+    ``"add"`` mode, ViT ``TransformerBlock``, AHNet's ``Bottleneck3x3x1`` / ``Pseudo3DLayer`` (without them the
+    copied relevance doubles at each of AHNet's residual sums and overflows float32 in 3D: NaN relevance) and
+    EfficientNet's ``MBConvBlock`` (its skip sum, and its SE gate held constant; without them relevance grew
+    1e10-fold over B0's blocks). The forward methods are equivalent re-statements of MONAI's.
     """
 
     forwards: dict[type, Callable] = {
@@ -311,6 +353,9 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
         SEBlock: _se_block_forward,
         SkipConnection: _skip_connection_forward,
         TransformerBlock: _transformer_block_forward,
+        Bottleneck3x3x1: _ahnet_bottleneck_forward,
+        Pseudo3DLayer: _pseudo3d_layer_forward,
+        MBConvBlock: _mbconv_forward,
     }
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from monai_iaprune.relevance.targets import TargetSpec, target_selection
 from monai_iaprune.utils.batch import FirstOutput, check_input_dims, input_batches, model_device, split_batch
 from monai_iaprune.utils.settings import check_int
 
+logger = logging.getLogger(__name__)
+
 
 class ChannelRelevance(dict):
     """``{layer name: 1-D tensor of per-output-channel relevance}`` (mean over samples), plus provenance.
@@ -24,13 +27,23 @@ class ChannelRelevance(dict):
         method: the relevance method name.
         num_samples: how many samples were averaged (0 for data-free methods).
         example_input: one input sample batch (``[1, ...]``), usable to trace the model for pruning.
+        unscored: layers the method reached no relevance for (never run in eval mode, or run off the path to
+            the explained output, e.g. deep-supervision heads); ``prune`` leaves them to their groups.
     """
 
-    def __init__(self, values: Mapping[str, torch.Tensor], method: str, num_samples: int, example_input=None):
+    def __init__(
+        self,
+        values: Mapping[str, torch.Tensor],
+        method: str,
+        num_samples: int,
+        example_input=None,
+        unscored: tuple[str, ...] = (),
+    ):
         super().__init__(values)
         self.method = method
         self.num_samples = num_samples
         self.example_input = example_input
+        self.unscored = tuple(unscored)
 
 
 def _returns_sequence(model: nn.Module, x: torch.Tensor) -> bool:
@@ -154,17 +167,26 @@ def channel_relevance(
         if count == 0:
             raise ValueError("empty data: the loader yielded no batches, so no relevance could be collected")
         values = {k: (v / count).float() for k, v in sums.items()}
-        missing = [n for n in chosen if n not in values]
+        # layers built but not run (an encoder's unused head) or run off the explained output (deep-supervision
+        # heads in eval mode) carry no relevance: left unscored, not an error
+        missing = tuple(n for n in chosen if n not in values)
         if missing:
-            raise RuntimeError(
-                f"method {method!r} produced no relevance for {len(missing)} layer(s) never reached in forward: {missing[:5]}"
+            logger.info(
+                "method %r reached no relevance for %d layer(s), left unscored: %s",
+                method,
+                len(missing),
+                missing,
             )
         for n, m in chosen.items():
-            if values[n].numel() != out_channels(m):
+            if n in values and values[n].numel() != out_channels(m):
                 raise RuntimeError(
                     f"relevance for {n!r} has {values[n].numel()} entries, layer has {out_channels(m)} channels"
                 )
-        return ChannelRelevance(values, method, count, example)
+        if not values:
+            raise RuntimeError(
+                f"method {method!r} produced no relevance for any layer: is the output explained?"
+            )
+        return ChannelRelevance(values, method, count, example, missing)
     finally:
         if stack is not None:
             stack.close()  # on an error mid-loop: the method's session restores the model
