@@ -40,6 +40,21 @@ def tiny_mixed() -> nn.Module:
     )
 
 
+def tiny_depthwise_up() -> nn.Module:
+    """A depthwise transposed conv (weight ``(C, 1, k, k)``, MedNeXt's up blocks) between prunable convs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 2, stride=2, groups=8),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+
+
 def _train_steps(
     net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int = 2
 ) -> None:
@@ -51,7 +66,9 @@ def _train_steps(
 
 
 @pytest.mark.parametrize(
-    "net_fn", [tiny_resnet18, tiny_densenet121, tiny_mixed], ids=["resnet18", "densenet121", "mixed"]
+    "net_fn",
+    [tiny_resnet18, tiny_densenet121, tiny_mixed, tiny_depthwise_up],
+    ids=["resnet18", "densenet121", "mixed", "depthwise-transposed"],
 )
 def test_remap_slices_state_like_torch_pruning_slices_weights(net_fn):
     net = net_fn()

@@ -118,18 +118,9 @@ for _backbone in (
         },
     }
 
-# failures inside relevance/ or pruning/ (the library sweep's part of issue #14), not in the overlay: with them
-# bypassed (relevance skipping the named layers, DynUNet.heads detached, the ViT kept) DynUNet, SegResNetDS and
-# FlexibleUNet-efficientnet-b0 pass this test unchanged. Flip an entry when the library fix lands (strict xfail).
-NEVER_REACHED = "relevance/collect.py: lrp 'produced no relevance for ... layer(s) never reached in forward'"
-KNOWN: dict[str, str] = {
-    "DynUNet": f"{NEVER_REACHED}: deep_supervision_heads.0 (runs in eval, not on the output path); then prune() "
-    "fails in copy.deepcopy (count_macs): DynUNet.heads holds the last grad-enabled forward's non-leaf outputs",
-    "SegResNetDS": f"{NEVER_REACHED}: up_layers.0.head (the half-resolution deep-supervision head, eval-only unused)",
-    "UNETR": "pruning/: prune() cuts the ViT hidden size, UNETR.proj_feat's view fails ('shape [1, 1, 1, 1, 16] "
-    "is invalid for input of size 14'); with the ViT kept a decoder conv still gets mismatched input channels",
-    "FlexibleUNet-efficientnet-b0": f"{NEVER_REACHED}: encoder._conv_head, encoder._fc (built, never run)",
-}
+# every family passes since the library fixes of the sweep (tests/test_sweep_fixes.py): deep-supervision heads and
+# built-but-never-run layers are left unscored, DynUNet.heads detached for deepcopy, UNETR's ViT token width kept
+KNOWN: dict[str, str] = {}
 DEEP_SUPERVISION = ("DynUNet", "SegResNetDS")
 
 OVERRIDES = {

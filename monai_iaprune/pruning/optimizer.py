@@ -25,8 +25,12 @@ def parameter_snapshot(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters())
 
 
-def _removal_dims(module: nn.Module, param_name: str, kind: str, ndim: int) -> int | None:
+def _removal_dims(
+    module: nn.Module, param_name: str, kind: str, ndim: int, old_shape: Sequence[int] | None = None
+) -> int | None:
     """Which dim of ``module.<param_name>`` an ``"out"`` / ``"in"`` pruning of ``module`` slices (None: untouched).
+
+    ``old_shape``: the parameter's shape before pruning (tells a depthwise transposed conv's weight).
 
     Mirrors torch-pruning's pruning functions (``torch_pruning/pruner/function.py``).
     """
@@ -35,7 +39,12 @@ def _removal_dims(module: nn.Module, param_name: str, kind: str, ndim: int) -> i
         if param_name == "bias":
             return 0 if kind == "out" else None
         if kind == "out":  # depthwise convs are recorded as "out" for both sides (in == out pruning)
-            return 1 if transposed else 0
+            # a depthwise transposed conv's weight is (C, 1, ...): its channels are dim 0 (MedNeXt's up blocks); told
+            # by the original shape, since a layer pruned to one channel has groups 1 afterwards
+            depthwise = (
+                old_shape is not None and len(old_shape) > 1 and old_shape[1] == 1 and old_shape[0] > 1
+            )
+            return 1 if transposed and not depthwise else 0
         return 0 if transposed else 1
     if isinstance(module, nn.Linear):
         if param_name == "bias":
@@ -93,7 +102,7 @@ def kept_indices(
             if full not in old_params:
                 continue
             shape = old_params[full].shape
-            dim = _removal_dims(module, pname, kind, len(shape))
+            dim = _removal_dims(module, pname, kind, len(shape), shape)
             if dim is None:
                 continue
             dims = kept.setdefault(full, [None] * len(shape))
