@@ -8,6 +8,7 @@ of MACs; the output shape is kept and one training step reaches every parameter.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -26,9 +27,23 @@ UNSUPPORTED: dict[tuple, str] = {
 METHODS_SWEPT = ["taylor"] + (["lrp"] if "lrp" in METHODS else [])
 
 
+# no width argument and a 256^2 minimum input (33.6M parameters): one prune took 694 s on 2 shared cores, beyond
+# CI's budget. Run with IAPRUNE_FULL_SWEEP=1 (taylor / params verified: 0.50 of parameters removed, shape kept).
+CI_TOO_SLOW = {"HoVerNet"}
+
+
 def _pairs() -> list:
+    full = os.environ.get("IAPRUNE_FULL_SWEEP") == "1"
     return [
-        pytest.param(name, sd, method, id=f"{name}-{sd}d-{method}")
+        pytest.param(
+            name,
+            sd,
+            method,
+            id=f"{name}-{sd}d-{method}",
+            marks=[]
+            if full or name not in CI_TOO_SLOW
+            else [pytest.mark.skip(reason=f"{name}: too slow for CI; set IAPRUNE_FULL_SWEEP=1")],
+        )  # fmt: skip
         for name, case in IN_SCOPE.items()
         for sd in case.dims
         for method in METHODS_SWEPT
