@@ -63,3 +63,27 @@ def test_ahnet_3d_lrp_relevance_is_finite():
     rel = channel_relevance(net, [(x, y)], "lrp", progress=False)  # raises FloatingPointError on NaN / Inf
     assert all(torch.isfinite(r).all() for r in rel.values())
     assert rel["layer1.0.conv2"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("canonize", [True, False], ids=["canonized", "plain-gradient"])
+def test_hovernet_residual_block_sums_conserve_relevance(canonize):
+    """HoVerNet's residual block adds each dense layer's output to the running shortcut (copied relevance doubled
+    per layer: NaN relevance on HoVerNet); with the canonizer the epsilon rule conserves relevance."""
+    from monai.networks.nets.hovernet import _ResidualBlock
+
+    torch.manual_seed(0)
+    model = (
+        zero_bias(_ResidualBlock(layers=3, num_features=8, in_channels=64, out_channels=16)).double().eval()
+    )
+    x = torch.randn(1, 64, 8, 8, dtype=torch.double)
+    expected = model(x).sum()
+    rel = input_relevance(
+        model,
+        x,
+        _all,
+        composite="epsilon",
+        canonizers="auto" if canonize else None,
+        epsilon=EPS,
+        stabilizer=EPS,
+    )
+    assert torch.allclose(rel.sum(), expected, rtol=1e-5) == canonize, (float(rel.sum()), float(expected))

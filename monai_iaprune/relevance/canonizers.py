@@ -33,6 +33,7 @@ from monai.networks.blocks import ChannelSELayer, ResidualUnit, SABlock, SEBlock
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets.ahnet import Bottleneck3x3x1, Pseudo3DLayer
 from monai.networks.nets.efficientnet import MBConvBlock
+from monai.networks.nets.hovernet import _ResidualBlock as HoVerNetResidualBlock
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -301,6 +302,20 @@ def _pseudo3d_layer_forward(self: Pseudo3DLayer, x: torch.Tensor) -> torch.Tenso
     return torch.cat([x, new_features], 1)
 
 
+def _hovernet_residual_forward(self: HoVerNetResidualBlock, x: torch.Tensor) -> torch.Tensor:
+    # each dense layer's output is added to the running shortcut: copied relevance doubled per layer (NaN in lrp)
+    sc = self.shortcut(x)
+    if self.shortcut.stride == (2, 2):
+        sc = sc[:, :, :-1, :-1]
+    for i, layer in enumerate(self.layers):
+        x = layer(x)
+        if x.shape[-2:] != sc.shape[-2:]:
+            x = x[:, :, :-1, :-1]
+        x = _sum(self, x, sc, key=f"canonizer_sum_{i}")
+        sc = x
+    return self.bna_block(x)
+
+
 def _mbconv_forward(self: MBConvBlock, inputs: torch.Tensor) -> torch.Tensor:
     x = inputs
     if self.expand_ratio != 1:
@@ -343,7 +358,7 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
     ``"add"`` mode, ViT ``TransformerBlock``, AHNet's ``Bottleneck3x3x1`` / ``Pseudo3DLayer`` (without them the
     copied relevance doubles at each of AHNet's residual sums and overflows float32 in 3D: NaN relevance) and
     EfficientNet's ``MBConvBlock`` (its skip sum, and its SE gate held constant; without them relevance grew
-    1e10-fold over B0's blocks). The forward methods are equivalent re-statements of MONAI's.
+    1e10-fold over B0's blocks) and HoVerNet's residual blocks (one sum per dense layer: NaN relevance without). The forward methods are equivalent re-statements of MONAI's.
     """
 
     forwards: dict[type, Callable] = {
@@ -356,6 +371,7 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
         Bottleneck3x3x1: _ahnet_bottleneck_forward,
         Pseudo3DLayer: _pseudo3d_layer_forward,
         MBConvBlock: _mbconv_forward,
+        HoVerNetResidualBlock: _hovernet_residual_forward,
     }
 
     @classmethod
@@ -367,6 +383,8 @@ class ResidualSumCanonizer(_OwnMapCanonizer):
                 attrs = {"forward": fwd.__get__(module), "canonizer_sum": Sum()}
                 if isinstance(module, TransformerBlock):
                     attrs.update(canonizer_sum_attn=Sum(), canonizer_sum_cross=Sum())
+                if isinstance(module, HoVerNetResidualBlock):  # one Sum per dense layer's addition
+                    attrs.update({f"canonizer_sum_{i}": Sum() for i in range(len(module.layers))})
                 return attrs
         return None
 
