@@ -110,7 +110,7 @@ def test_steps_1_is_the_old_single_prune(monkeypatch):
         ({"prune_target": "flops"}, "bad prune_target 'flops'"),
         ({"cost_aware": "maybe"}, "bad cost_aware 'maybe'"),
         ({"depth_ratio": 1.0}, r"bad depth_ratio 1.0"),
-        ({"depth_ratio": 0.2, "method": "dlb"}, "bad depth_method 'dlb'"),
+        ({"depth_ratio": 0.2, "depth_method": "bogus"}, "bad depth_method 'bogus'"),
         ({"min_blocks_per_stage": -1}, "bad min_blocks_per_stage -1"),
         ({"prune_kwargs": {"cost_aware": True}}, "prune_kwargs may not set"),
         ({"prune_target": "macs", "prune_kwargs": {"target": "params"}}, "disagrees with prune_target"),
