@@ -8,6 +8,7 @@ of MACs; the output shape is kept and one training step reaches every parameter.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -78,6 +79,13 @@ def _loss(out: torch.Tensor, target: torch.Tensor, ndim: int) -> torch.Tensor:
     if out.ndim == ndim + 1:  # deep supervision stacked on dim 1 in training (DynUNet)
         return sum(nn.functional.cross_entropy(out[:, i], target) for i in range(out.shape[1]))
     return nn.functional.cross_entropy(out, target)
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Drop each case's networks and traced graphs before the next (the sweep builds ~150 networks)."""
+    yield
+    gc.collect()
 
 
 @pytest.mark.parametrize("name,sd,method", _pairs())
