@@ -29,6 +29,17 @@ def _data():
     return x, y
 
 
+def _all_done() -> None:
+    """The last step of a worker's success path: free DDP reducers and engines (reference cycles) while the
+    group is alive and wait for every rank. A gloo work still holding tensors when one rank tears down aborts
+    the process (SIGABRT, "terminate called without an active exception", seen once in CI on the consistency
+    worker). Not in ``finally``: after a failure on one rank a barrier would wait for the gloo timeout."""
+    import gc
+
+    gc.collect()
+    dist.barrier()
+
+
 def _net():
     torch.manual_seed(0)
     return resnet18(spatial_dims=2, n_input_channels=1, num_classes=2)
@@ -45,6 +56,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, method: str) -> None
         batches = [(x[idx[i : i + 4]], y[idx[i : i + 4]]) for i in range(0, len(idx), 4)]
         rel = all_reduce_relevance(channel_relevance(_net(), batches, method, progress=False))
         torch.save({"values": dict(rel), "n": rel.num_samples}, os.path.join(out_dir, f"rank{rank}.pt"))
+        _all_done()
     finally:
         dist.destroy_process_group()
 
@@ -233,6 +245,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         sums = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64)} if rank == 0 else {}
         out["sums"] = all_reduce_sums(sums, 3 if rank == 0 else 0)
         torch.save(out, os.path.join(out_dir, f"ddp_rank{rank}.pt"))
+        _all_done()
     finally:
         dist.destroy_process_group()
 
@@ -416,6 +429,7 @@ def _consistency_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         items = _items(4, 5)
         out = _consistency_step(DDP(_plain_net()), items, 2, DistributedSampler(items, shuffle=False))
         torch.save(out, os.path.join(out_dir, f"consistency_rank{rank}.pt"))
+        _all_done()
     finally:
         dist.destroy_process_group()
 
