@@ -59,7 +59,8 @@ def test_zero_for_identical_networks(kind: str, explainer: str):
     torch.manual_seed(0)
     net, x, y = _case(kind)
     teacher = copy.deepcopy(net)
-    loss = ExplanationConsistencyLoss(teacher, explainer=explainer, explainer_kwargs={"n_steps": 3})
+    kwargs = {"n_steps": 3} if explainer == "ig" else None
+    loss = ExplanationConsistencyLoss(teacher, explainer=explainer, explainer_kwargs=kwargs)
     value = loss(net, x, y)
     assert value.requires_grad
     assert abs(float(value.detach())) < 1e-6
@@ -162,3 +163,33 @@ def test_bad_settings():
         ExplanationConsistencyLoss(t, temperature=0.0)
     with pytest.raises(TypeError, match="teacher"):
         ExplanationConsistencyLoss("not a module")
+
+
+@pytest.mark.parametrize(
+    "explainer, kwargs, match",
+    [
+        ("ig", {"n_steps": 0}, "n_steps 0"),
+        ("ig", {"n_steps": 2.5}, "n_steps 2.5"),
+        (
+            "ig",
+            {"n_step": 4},
+            r"\['n_step'\] not accepted by explainer 'ig'; it takes \['baseline', 'n_steps'\]",
+        ),
+        ("grad_x_input", {"n_steps": 4}, "not accepted by explainer 'grad_x_input'; it takes no settings"),
+    ],
+)
+def test_bad_explainer_kwargs_stop_at_construction(explainer, kwargs, match):
+    """Checked when the loss / handler is built: the explainers swallow unknown keywords, so a misspelt key would
+    run silently with the default, and ``n_steps=0`` would fail only at the first training step."""
+    from monai_iaprune.handlers import ExplanationConsistencyHandler
+
+    with pytest.raises(ValueError, match=match):
+        ExplanationConsistencyLoss(tiny_resnet(), explainer=explainer, explainer_kwargs=kwargs)
+    with pytest.raises(ValueError, match=match):
+        ExplanationConsistencyHandler(1.0, explainer=explainer, explainer_kwargs=kwargs)
+    # the accepted settings still pass
+    ok = {"n_steps": 2, "baseline": 0.0} if explainer == "ig" else {}
+    assert (
+        ExplanationConsistencyLoss(tiny_resnet(), explainer=explainer, explainer_kwargs=ok).explainer_kwargs
+        == ok
+    )

@@ -14,6 +14,7 @@ the student never saw.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -52,6 +53,29 @@ def map_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "pearson") ->
     b = b / b.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
     sim = (a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).clamp_min(1e-12).sqrt()
     return 1.0 - sim
+
+
+def _checked_explainer_kwargs(explainer: str, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` after checking them against ``explainer``'s keyword parameters, so that a misspelt key or a
+    bad step count stops the run when it is configured, not at the first training step (or never: the
+    explainers swallow unknown keywords)."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"explainer_kwargs must be a dict or None, got {type(kwargs).__name__}")
+    params = inspect.signature(DIFFERENTIABLE_EXPLAINERS[explainer]).parameters
+    accepted = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "create_graph")
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"explainer_kwargs {unknown} not accepted by explainer {explainer!r}; "
+            f"it takes {accepted or 'no settings'}"
+        )
+    if "n_steps" in kwargs:
+        n = kwargs["n_steps"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"bad explainer_kwargs n_steps {n!r}: need an integer >= 1")
+    return dict(kwargs)
 
 
 class _EvalMode:
@@ -141,7 +165,7 @@ class ExplanationConsistencyLoss:
         self.distance = distance
         self.distill_weight = float(distill_weight)
         self.temperature = float(temperature)
-        self.explainer_kwargs = dict(explainer_kwargs or {})
+        self.explainer_kwargs = _checked_explainer_kwargs(explainer, explainer_kwargs)
         self.last: dict[str, float] = {}
 
     def _distill(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
