@@ -380,3 +380,29 @@ def test_merge_plan_is_traced_once_per_model_and_shape(monkeypatch):
     model.features.denseblock1.denselayer1.layers.norm2 = nn.BatchNorm2d(8).eval()  # a replaced module
     lrp(model, torch.randn(1, 1, 32, 32), class_select(0), layers)
     assert len(calls) == 3 and set(first) == set(layers)
+
+
+@pytest.mark.parametrize("act", ["monai-swish", "monai-me-swish", "monai-mish", "torch-mish"])
+def test_monai_activations_pass_relevance(act):
+    """MONAI's Swish / MemoryEfficientSwish / Mish (EfficientNet, SegResNet options) and torch's Mish are not in
+    zennit's ``Activation`` type: without a Pass rule their gradient (not ``f(x) / x``) scales the relevance and
+    conservation breaks. With the rule the input relevance sums to the explained logit."""
+    from monai.networks.blocks.activation import MemoryEfficientSwish, Mish, Swish
+
+    make = {"monai-swish": Swish, "monai-me-swish": MemoryEfficientSwish, "monai-mish": Mish, "torch-mish": nn.Mish}
+    torch.manual_seed(0)
+    model = zero_bias(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            make[act](),
+            nn.Conv2d(4, 5, 3, padding=1),
+            make[act](),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(5, 3),
+        )
+    )
+    x = torch.randn(3, 1, 12, 12, dtype=torch.double)
+    expected = target_value(model, x, class_select(1))
+    rel = input_relevance(model, x, class_select(1), composite="epsilon", epsilon=EPS, stabilizer=EPS)
+    torch.testing.assert_close(rel.flatten(1).sum(1), expected, rtol=1e-6, atol=1e-9)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from monai.networks.blocks.activation import MemoryEfficientSwish, Mish, Swish
 from torch import nn
 from zennit.canonizers import Canonizer
 from zennit.composites import (
@@ -62,11 +63,15 @@ def register_lrp_composite(name: str) -> Callable[[type[Composite]], type[Compos
     return register
 
 
+# element-wise activations zennit's ``Activation`` type does not list (MONAI's own, and torch's Mish)
+EXTRA_ACTIVATIONS = (Swish, MemoryEfficientSwish, Mish, nn.Mish)
+
+
 def _extra_layer_map(epsilon: float) -> list[tuple[Any, Hook]]:
     return [
         (nn.modules.batchnorm._BatchNorm, EpsilonRule(epsilon)),
         (NORM_TYPES, NormalizationEpsilon(epsilon)),
-        (Activation, PassRule()),
+        ((Activation, *EXTRA_ACTIVATIONS), PassRule()),
     ]
 
 
