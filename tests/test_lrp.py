@@ -389,7 +389,12 @@ def test_monai_activations_pass_relevance(act):
     conservation breaks. With the rule the input relevance sums to the explained logit."""
     from monai.networks.blocks.activation import MemoryEfficientSwish, Mish, Swish
 
-    make = {"monai-swish": Swish, "monai-me-swish": MemoryEfficientSwish, "monai-mish": Mish, "torch-mish": nn.Mish}
+    make = {
+        "monai-swish": Swish,
+        "monai-me-swish": MemoryEfficientSwish,
+        "monai-mish": Mish,
+        "torch-mish": nn.Mish,
+    }
     torch.manual_seed(0)
     model = zero_bias(
         nn.Sequential(
