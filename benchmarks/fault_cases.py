@@ -1644,9 +1644,16 @@ def _kill_case(ctx: Ctx, target: str, nth: int, sig: str, trained: bool = True) 
     rc, out = cli(b, rerun)
     if (
         rc != 0 and "refusing to overwrite" in out
-    ):  # killed between the renames: the user is told to overwrite
+    ):  # killed between the renames: the rerun completed that commit (journal), then refuses to replace it
+        if not (ckpt.exists() and report.exists()):
+            return Result(
+                "silent_wrong", "a commit killed between its renames was not completed by the rerun"
+            )
+        wrong = pruned_output_ok(b, ctx.shared.reference_shapes() if trained else None)
+        if wrong:
+            return Result("silent_wrong", f"the completed interrupted commit: {wrong}")
         rc, out = cli(b, rerun + ["--overwrite", "true"])
-        how += " (then --overwrite true, as the message says)"
+        how += " (it completed the interrupted commit, then --overwrite true, as the message says)"
     if rc != 0:
         return Result("raw_error", f"{how} failed: " + excerpt(out))
     if trained and _sha(host) != before:

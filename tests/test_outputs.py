@@ -87,6 +87,58 @@ def test_transaction_commits_together_and_cleans(tmp_path):
     assert not (tmp_path / "m" / LOCK_NAME).exists()  # a refusal releases the locks
 
 
+_KILLED_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from monai_iaprune.utils import outputs
+root = Path(sys.argv[1])
+outs = [root / "models" / "model_pruned.pt", root / "models" / "model_pruned.ts", root / "eval" / "prune_report.json"]
+tx = outputs.OutputTransaction(outs, overwrite=True).begin()
+for i, p in enumerate(outs):
+    tx.temp(p).write_text(f"new {i}")
+real = os.replace
+def die(src, dst):
+    real(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = die
+tx.commit()
+"""
+
+
+def test_a_commit_killed_between_renames_is_completed_by_the_next_run(tmp_path):
+    """SIGKILL after the first of three renames: the next transaction on those folders rolls the journaled commit
+    forward (every output of the killed run in place, no journal or temporary file left), then refuses to replace
+    them as usual; a user file among the outputs was the killed run's to replace (it ran with overwrite)."""
+    outs = [tmp_path / "models" / "model_pruned.pt", tmp_path / "models" / "model_pruned.ts",
+            tmp_path / "eval" / "prune_report.json"]  # fmt: skip
+    outs[2].parent.mkdir(parents=True)
+    outs[2].write_text("old report")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_COMMIT, str(tmp_path)], cwd=ROOT, capture_output=True
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    # half done: the checkpoint is new, the TorchScript file missing, the report the old one
+    assert outs[0].read_text() == "new 0" and not outs[1].exists() and outs[2].read_text() == "old report"
+    assert len(list((tmp_path / "models").glob(".monai_iaprune.commit.*.json"))) == 1
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        OutputTransaction(outs).begin()
+    assert [p.read_text() for p in outs] == ["new 0", "new 1", "new 2"]
+    left = sorted(p.name for d in ("models", "eval") for p in (tmp_path / d).iterdir())
+    assert left == ["model_pruned.pt", "model_pruned.ts", "prune_report.json"]
+
+
+def test_an_unreadable_journal_is_dropped_with_its_temporaries(tmp_path):
+    """Killed while writing the journal (before any rename): nothing is put in place, the temporaries go."""
+    out = tmp_path / "a.pt"
+    out.write_text("user")
+    (tmp_path / ".monai_iaprune.commit.1.abc.json").write_text('{"renames": [["')
+    (tmp_path / ".a.pt.1.abc.tmp").write_text("half")
+    with OutputTransaction([tmp_path / "b.pt"]) as tx:
+        tx.temp(tmp_path / "b.pt").write_text("b")
+        tx.commit()
+    assert out.read_text() == "user" and sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
 def test_transaction_error_leaves_nothing(tmp_path):
     a = tmp_path / "a.pt"
     with pytest.raises(RuntimeError, match="boom"), OutputTransaction([a]) as tx:

@@ -7,6 +7,11 @@ checks that every output folder can be written (a probe file is created and remo
 unless ``overwrite``. The run writes to ``temp(path)`` names; ``commit()`` renames them into place in the order they
 were registered (register the report last). On an error every temporary file is removed; the locks are always
 released.
+
+The renames of a commit are journaled: before the first one a journal ``.monai_iaprune.commit.<token>.json``
+(every ``[temporary, final]`` pair) is written and synced in the first output's folder, and it is removed after the
+last. A run killed between the renames leaves its journal; the next transaction on that folder (holding its lock)
+rolls the commit forward before anything else, so the outputs of one run are either all in place or none is.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ __all__ = [
     "acquire_lock",
     "check_folder_writable",
     "clean_stale_temps",
+    "complete_interrupted_commits",
     "release_lock",
 ]
 
 LOCK_NAME = ".monai_iaprune.lock"
+JOURNAL_PREFIX = ".monai_iaprune.commit."
 logger = logging.getLogger(__name__)
 
 
@@ -138,6 +145,47 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _move_into_place(tmp: Path, path: Path) -> None:
+    if tmp.is_dir():
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.rename(tmp, path)
+    else:
+        os.replace(tmp, path)
+
+
+def complete_interrupted_commits(folder: str | os.PathLike) -> list[Path]:
+    """Finish the commits a killed run left half done in ``folder`` (its journals); return the outputs put in place.
+
+    A journal is written in full and synced before the first rename, so a readable one means every output of that
+    run was written: the temporary files still present are renamed into place. An unreadable journal (the run was
+    killed while writing it, before any rename) is removed and its temporary files are left to
+    ``clean_stale_temps``. Hold the folder's lock first.
+    """
+    done: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return done
+    for journal in sorted(folder.glob(JOURNAL_PREFIX + "*.json")):
+        try:
+            pairs = json.loads(journal.read_text())["renames"]
+            pairs = [(Path(t), Path(p)) for t, p in pairs]
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning(f"removing the unreadable commit journal {journal} (its run never renamed a file)")
+            journal.unlink(missing_ok=True)
+            continue
+        for tmp, path in pairs:
+            if tmp.exists() or tmp.is_symlink():
+                _move_into_place(tmp, path)
+                done.append(path)
+        journal.unlink(missing_ok=True)
+        logger.warning(
+            f"completed the commit of an interrupted run from {journal.name}: "
+            f"{[str(p) for p in done] or 'every output was already in place'}"
+        )
+    return done
+
+
 class OutputTransaction:
     """Write a run's outputs (files or folders) under temporary names and put them in place together at the end.
 
@@ -185,6 +233,8 @@ class OutputTransaction:
                 for folder in self.folders:
                     self._locks.append(acquire_lock(folder))
             for folder in self.folders:
+                complete_interrupted_commits(folder)
+            for folder in self.folders:
                 clean_stale_temps(folder)
             existing = [str(p) for p in self.outputs if p.exists()]
             if existing and not self.overwrite:
@@ -220,21 +270,30 @@ class OutputTransaction:
     def commit(self) -> list[Path]:
         """Rename every written temporary file into place, in ``outputs`` order; return the outputs put in place."""
         done = []
-        for path in self.outputs:
-            tmp = self._temps.get(path)
-            if tmp is None or not tmp.exists():
-                continue
-            if tmp.is_dir():
-                if path.exists():
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                os.rename(tmp, path)
-            else:
-                os.replace(tmp, path)
+        pairs = [(self._temps[p], p) for p in self.outputs if p in self._temps and self._temps[p].exists()]
+        journal = self._write_journal(pairs) if len(pairs) > 1 else None
+        for tmp, path in pairs:
+            _move_into_place(tmp, path)
             done.append(path)
+        if journal is not None:
+            journal.unlink(missing_ok=True)
         self._temps = {}
         self._committed = True
         self.abort()  # the scratch folders
         return done
+
+    def _write_journal(self, pairs: list[tuple[Path, Path]]) -> Path:
+        """Write and sync the list of renames before the first one (``complete_interrupted_commits`` reads it)."""
+        journal = pairs[0][1].parent / f"{JOURNAL_PREFIX}{self.token}.json"
+        data = json.dumps(
+            {"pid": os.getpid(), "renames": [[str(t.absolute()), str(p.absolute())] for t, p in pairs]}
+        )
+        fd = os.open(journal, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return journal
 
     def abort(self) -> None:
         """Remove every temporary file / folder of this transaction."""
