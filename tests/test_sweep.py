@@ -21,8 +21,6 @@ from monai_iaprune import METHODS, channel_relevance, prune
 # (class, dims, target) or (class, dims, target, method) -> reason; ``prune`` must raise an error saying so
 UNSUPPORTED: dict[tuple, str] = {
     **{("Quicknat", 2, t): "MaxUnpool" for t in ("params", "macs")},
-    # the attention heads' pruned width reaches ``qkv`` but not ``out_proj``'s input (cause not found)
-    **{("ViT", sd, "macs"): "does not run" for sd in (2, 3)},
 }
 
 METHODS_SWEPT = ["taylor"] + (["lrp"] if "lrp" in METHODS else [])

@@ -185,3 +185,36 @@ def test_quicknat_is_refused_naming_maxunpool():
     rel = channel_relevance(net, None, "magnitude", progress=False)
     with pytest.raises(NotImplementedError, match="MaxUnpool"):
         prune(net, rel, 0.5, example_inputs=x)
+
+
+def test_vit_macs_target_leaves_the_uncountable_attention_groups(caplog):
+    """ViT: removing one channel of an attention ``qkv`` group gives an ``out_proj`` whose input no longer fits
+    (torch-pruning maps the einops split onto it inconsistently), so its cost cannot be counted. Unfixed, the MACs
+    target refused the whole network; fixed, that group is skipped with a warning and left unpruned (the params
+    target never prunes it either), and every other group is pruned to the budget."""
+    from monai_iaprune.pruning.cost import channel_costs
+
+    torch.manual_seed(0)
+    net = nets.ViT(in_channels=1, img_size=(32, 32), patch_size=(8, 8), hidden_size=48, mlp_dim=96, num_layers=2,
+                   num_heads=4, spatial_dims=2, classification=True, num_classes=3).eval()  # fmt: skip
+    x = torch.randn(2, 1, 32, 32)
+    with pytest.raises(RuntimeError):  # the unfixed behaviour
+        channel_costs(net, x[:1])
+    costs = channel_costs(net, x[:1], skip_uncountable=True)
+    assert not any(name.endswith("attn.qkv") for name in costs) and any("mlp.linear1" in n for n in costs)
+    assert "blocks.0.attn.qkv" in caplog.text and "left unpruned" in caplog.text
+
+    class First(nn.Module):  # ViT returns (logits, hidden states)
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, t):
+            return self.m(t)[0]
+
+    model = First(net)
+    rel = channel_relevance(model, [(x, torch.tensor([0, 1]))], "taylor", progress=False)
+    res = prune(model, rel, 0.5, example_inputs=x[:1], target="macs")
+    assert res.macs_after <= 0.5 * res.macs_before * 1.02
+    assert all(b.attn.qkv.out_features == 144 and b.attn.out_proj.in_features == 48 for b in net.blocks)
+    assert model(x).shape == (2, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ from torch_pruning.utils import op_counter
 
 from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruner_kwargs_for, trace_kwargs
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ def channel_costs(
     *,
     ignored_layers: Iterable[nn.Module | str] | None = None,
     pruner_kwargs: dict[str, Any] | None = None,
+    skip_uncountable: bool = False,
 ) -> dict[str, ChannelCost]:
     """Parameters and MACs saved by removing one output channel of every prunable dependency group.
 
@@ -157,6 +161,9 @@ def channel_costs(
         example_inputs: one input batch at the size the MACs are counted for.
         ignored_layers: modules (or names) whose groups are left out, as ``prune``'s ``ignored_layers``.
         pruner_kwargs: extra ``MetaPruner`` arguments; MONAI-specific ones are added (``pruner_kwargs_for``).
+        skip_uncountable: leave out (with a warning) a group whose one-channel removal gives members that no
+            longer fit together (a ``ViT`` attention ``qkv``: torch-pruning maps its einops split onto ``out_proj``
+            inconsistently) instead of raising; a cost-aware ``prune`` then leaves that group unpruned.
 
     Returns:
         ``{root layer name: ChannelCost}``; the root is the first conv / linear of the group, as channel
@@ -206,5 +213,13 @@ def channel_costs(
                 continue  # a group down to one channel (per channel group) keeps it: nothing to cost, and
                 # removing it would leave zero-channel norms the MAC counter cannot run
             group = dg.get_pruning_group(root, dep.handler, [g * (n // unit) for g in range(unit)])
-            costs[names[root]] = _group_saving(pruner, group, calls, names)
+            try:
+                costs[names[root]] = _group_saving(pruner, group, calls, names)
+            except RuntimeError as e:
+                if not skip_uncountable:
+                    raise
+                logger.warning(
+                    f"the cost of one channel of the group rooted at {names[root]!r} cannot be counted (its pruned "
+                    f"members do not fit: {str(e).splitlines()[0]}); the group is left unpruned under a cost target"
+                )
     return costs

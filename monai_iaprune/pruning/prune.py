@@ -486,8 +486,14 @@ def _prune_traced(
         )
     if cost_aware:
         try:
-            costs = channel_costs(model, example_inputs, ignored_layers=ignored, pruner_kwargs=pruner_kwargs)
-        except RuntimeError as e:  # ViT: a pruned attention group's members no longer fit (docs/networks.md)
+            costs = channel_costs(
+                model,
+                example_inputs,
+                ignored_layers=ignored,
+                pruner_kwargs=pruner_kwargs,
+                skip_uncountable=True,
+            )  # a group that cannot be costed (ViT attention qkv) is left unpruned: CostAwareImportance skips it
+        except RuntimeError as e:  # the graph itself cannot be traced for costs
             raise RuntimeError(
                 f"the cost of a channel of {type(model).__name__} cannot be counted: pruning one channel gives a "
                 f"network that does not run ({str(e).splitlines()[0]}); use target='params' (docs/networks.md)"
