@@ -1,7 +1,7 @@
 """Explanation-preserving fine-tuning on MedMNIST (issue #16): plain vs explanation-consistency fine-tune.
 
-Per dataset: the seed-0 base model of ``run.py`` (loaded from its cache, trained with ``run.base_model`` when
-absent), pruned by LRP relevance to remove ``--ratios`` of its MACs (``prune(..., target="macs")``), BatchNorm
+Per dataset and seed: that seed's base model of ``run.py`` (``run.base_model(seed=...)``, loaded from its cache,
+trained when absent; seed 0 is the model the earlier rows used), pruned by LRP relevance to remove ``--ratios`` of its MACs (``prune(..., target="macs")``), BatchNorm
 re-calibrated, then fine-tuned with ``run.py``'s recipe (AdamW, one-cycle LR, flips / shifts, ``DATASETS``
 ``ft_epochs``, best validation epoch including the start) twice from the same pruned weights and seed:
 
@@ -149,33 +149,35 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
         print(f"[skip] {name}: {path} not present")
         return
     data = {s: load_split(path, s, args.limit) for s in ("train", "val", "test")}
-    model, info = run.base_model(name, cfg, data, args.cache, epochs=args.epochs)
-    model.eval()
-    ft_epochs = args.ft_epochs if args.ft_epochs is not None else cfg["ft_epochs"]
-    xt, yt = data["test"]
-    yt_np = yt.numpy()
-    p_base = predict(model, xt)
-    acc_base = metrics(yt, p_base)[0]
-    print(
-        f"[base] {name} {model_name(cfg)}: test ACC {acc_base:.4f} (epochs {info.get('epochs')})", flush=True
-    )
-    xe, ye = xt[: args.n_expl], yt[: args.n_expl]
-    sel_e = explained_selection(model, xe, ye, "label")
-    base_maps = {e: explain(model, xe, sel_e, e, args.ig_steps) for e in EVAL_EXPLAINERS}
-    base_del = {e: deletion_aucs(model, xe, base_maps[e], sel_e) for e in EVAL_EXPLAINERS}
-    xv, yv = data["val"][0][: args.n_val], data["val"][1][: args.n_val]
-    sel_v = explained_selection(model, xv, yv, "label")
-    base_val_ig = explain(model, xv, sel_v, "ig", args.ig_steps)
-    x1 = xt[:1]
-    macs_base = count_macs(model, x1)
     done = {(r["dataset"], r["macs_target"], r["seed"]) for r in read_rows(csv_path)}
     xtr, ytr = data["train"]
+    for seed in args.seeds:  # each seed prunes its own base model (run.base_model: trained with that seed)
+        todo = [r for r in args.ratios if (name, f"{r:.4f}", str(seed)) not in done]
+        if not todo:
+            print(f"[done] {name} seed {seed}")
+            continue
+        model, info = run.base_model(name, cfg, data, args.cache, epochs=args.epochs, seed=seed)
+        model.eval()
+        ft_epochs = args.ft_epochs if args.ft_epochs is not None else cfg["ft_epochs"]
+        xt, yt = data["test"]
+        yt_np = yt.numpy()
+        p_base = predict(model, xt)
+        acc_base = metrics(yt, p_base)[0]
+        print(
+            f"[base] {name} s{seed} {model_name(cfg)}: test ACC {acc_base:.4f} (epochs {info.get('epochs')})",
+            flush=True,
+        )
+        xe, ye = xt[: args.n_expl], yt[: args.n_expl]
+        sel_e = explained_selection(model, xe, ye, "label")
+        base_maps = {e: explain(model, xe, sel_e, e, args.ig_steps) for e in EVAL_EXPLAINERS}
+        base_del = {e: deletion_aucs(model, xe, base_maps[e], sel_e) for e in EVAL_EXPLAINERS}
+        xv, yv = data["val"][0][: args.n_val], data["val"][1][: args.n_val]
+        sel_v = explained_selection(model, xv, yv, "label")
+        base_val_ig = explain(model, xv, sel_v, "ig", args.ig_steps)
+        x1 = xt[:1]
+        macs_base = count_macs(model, x1)
 
-    for ratio in args.ratios:
-        for seed in args.seeds:
-            if (name, f"{ratio:.4f}", str(seed)) in done:
-                print(f"[done] {name} ratio {ratio} seed {seed}")
-                continue
+        for ratio in todo:
             g = torch.Generator().manual_seed(1000 + seed)
             calib = torch.randperm(len(xtr), generator=g)[: args.calib]
             cal_batches = list(batches(xtr[calib], ytr[calib], 32))
@@ -191,10 +193,8 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                 flush=True,
             )
 
-            def val_agreement(m: nn.Module) -> float:
-                return agreement_from_maps(base_val_ig, explain(m, xv, sel_v, "ig", args.ig_steps))[
-                    "spearman_median"
-                ]
+            def val_agreement(m: nn.Module, ref=base_val_ig, xv=xv, sel_v=sel_v) -> float:
+                return agreement_from_maps(ref, explain(m, xv, sel_v, "ig", args.ig_steps))["spearman_median"]
 
             arms: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
             plain = copy.deepcopy(pruned)
