@@ -540,7 +540,9 @@ def nets3d_table(rows: list[dict]) -> tuple[str, dict]:
     lines += ["", "Depth-only latency gain / MACs gain (measured speed-up x MACs kept): "
               + (", ".join(f"{n} min {v['min']:.2f} mean {v['mean']:.2f}" for n, v in data.items()) or "not measured yet")
               + f". **Goal (>= 0.9 on the 3D networks) {'met' if met else 'not met'}"
-              + ("" if data else " (no measured rows)") + "**."]  # fmt: skip
+              + ("" if data else " (no measured rows)") + "**."
+              + ("" if met or not data else " Why, per op category (base vs the deepest depth-pruned copy): section "
+                 "\"Where depth-pruned 3D networks spend their CPU time\" (`benchmarks/depth_profile.py`).")]  # fmt: skip
     return "\n".join(lines), {"networks": data, "met": met}
 
 
