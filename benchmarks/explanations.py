@@ -322,9 +322,9 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
             continue
         lines += ["", f"## {csv_path.name}", "", "```", command, "```", ""]
         lines += [
-            "| dataset | MACs removed | fine-tune | weight | explainer | Spearman | top-10 % IoU | deletion AUC base -> pruned "
-            "| ACC | ACC - plain | val IG Spearman |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| dataset | seed | MACs removed | fine-tune | weight | explainer | Spearman | top-10 % IoU | deletion AUC base "
+            "-> pruned | ACC | ACC - plain | val IG Spearman |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             diff = (
@@ -333,7 +333,7 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
                 else ""
             )
             lines.append(
-                f"| {r['dataset']} | {_f(r['macs_removed'], 2)} | {r['finetune']} | {_f(r['weight'], 1)} | "
+                f"| {r['dataset']} | {r['seed']} | {_f(r['macs_removed'], 2)} | {r['finetune']} | {_f(r['weight'], 1)} | "
                 f"{r['explainer_eval']} | {_f(r['spearman'])} [{_f(r['spearman_lo'])}, {_f(r['spearman_hi'])}] | "
                 f"{_f(r['iou10'])} [{_f(r['iou10_lo'])}, {_f(r['iou10_hi'])}] | "
                 f"{_f(r['deletion_auc_base'])} -> {_f(r['deletion_auc_pruned'])} "
@@ -342,13 +342,34 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
             )
             if r["finetune"] == "explain":
                 goal_rows.append((csv_path.name, r))
+        seeds = sorted({r["seed"] for r in rows})
+        if len(seeds) > 1:  # each seed prunes its own base model: the mean over seeds, per setting
+            groups: dict[tuple, list] = {}
+            for r in rows:
+                key = (r["dataset"], r["macs_target"], r["finetune"], r["explainer_eval"])
+                groups.setdefault(key, []).append(r)
+            lines += [
+                "",
+                f"Mean over seeds ({', '.join(seeds)}; settings with fewer seeds say so):",
+                "",
+                "| dataset | MACs removed | fine-tune | explainer | seeds | Spearman | top-10 % IoU | deletion AUC base -> "
+                "pruned | ACC | ACC - plain |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for (d, m, ft, e), g in groups.items():
+                mean = lambda k, g=g: float(np.mean([float(x[k]) for x in g if x[k] != ""]))  # noqa: E731
+                diff = f"{_f(mean('acc_diff_vs_plain'))}" if ft == "explain" else ""
+                lines.append(
+                    f"| {d} | {_f(m, 2)} | {ft} | {e} | {len(g)} | {_f(mean('spearman'))} | {_f(mean('iou10'))} | "
+                    f"{_f(mean('deletion_auc_base'))} -> {_f(mean('deletion_auc_pruned'))} | {_f(mean('acc'))} | {diff} |"
+                )
     if goal_rows:
         lines += [
             "",
             "## Goal checks (explain rows)",
             "",
-            "| file | dataset | MACs removed | explainer | Spearman >= 0.9 | IoU >= 0.7 | deletion AUC no worse | ACC within 0.5 pt |",
-            "|---|---|---|---|---|---|---|---|",
+            "| file | dataset | seed | MACs removed | explainer | Spearman >= 0.9 | IoU >= 0.7 | deletion AUC no worse | ACC within 0.5 pt |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in goal_rows:
             ok = {
@@ -358,7 +379,7 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
                 "acc": float(r["acc_diff_vs_plain"]) >= -0.005,
             }
             lines.append(
-                f"| {name} | {r['dataset']} | {_f(r['macs_removed'], 2)} | {r['explainer_eval']} | "
+                f"| {name} | {r['dataset']} | {r['seed']} | {_f(r['macs_removed'], 2)} | {r['explainer_eval']} | "
                 + " | ".join("yes" if v else "no" for v in ok.values())
                 + " |"
             )
