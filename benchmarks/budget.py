@@ -251,6 +251,7 @@ def save_table(table: LatencyTable, path: Path) -> None:
     blob = {
         "device": table.device,
         "overhead": table.overhead,
+        "activation_seconds": table.activation_seconds,
         "layers": {n: asdict(t) for n, t in table.layers.items()},
     }
     path.write_text(json.dumps(blob))
@@ -261,7 +262,10 @@ def load_table(path: Path) -> LatencyTable | None:
         return None
     blob = json.loads(path.read_text())
     return LatencyTable(
-        {n: LayerLatency(**t) for n, t in blob["layers"].items()}, blob["overhead"], blob["device"]
+        {n: LayerLatency(**t) for n, t in blob["layers"].items()},
+        blob["overhead"],
+        blob["device"],
+        blob.get("activation_seconds", 0.0),
     )
 
 

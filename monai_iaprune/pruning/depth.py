@@ -15,6 +15,7 @@ applied (see ``pruning.checkpoint.load_pruned``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,15 +278,15 @@ def _shape_keeping(model: nn.Module, blocks: dict[str, Block], x: torch.Tensor) 
 
 def latency_table_for(table: LatencyTable, model: nn.Module) -> LatencyTable:
     """``table`` without the layers ``model`` no longer has (inside removed blocks), so that
-    ``estimate_model`` counts them as 0 s rather than at full width; the overhead is kept constant.
+    ``estimate_model`` counts them, and the activation time of their outputs, as 0 s rather than at full width.
 
     Pass the result to ``prune(target="latency", latency_table=...)`` to width-prune a depth-pruned network.
-    The norms / activations of removed blocks sit in the table's constant overhead, so the estimated speed-up of
-    depth pruning is an underestimate (measure it).
+    Work of a removed block that follows no conv / linear output of its own stays in the table's constant
+    overhead, so the estimated speed-up of depth pruning may still be low (measure it).
     """
     present = {n for n, _ in model.named_modules()}
     layers = {n: t for n, t in table.layers.items() if n in present}
-    return LatencyTable(layers, table.overhead, table.device)
+    return dataclasses.replace(table, layers=layers)
 
 
 def _seconds(table: LatencyTable, model: nn.Module) -> float:
@@ -357,7 +358,7 @@ def prune_depth(
         speedup: ``target="latency"``: the estimated speed-up to reach, > 1 (removes ``1 - 1 / speedup`` of the
             estimated seconds).
         latency_table: ``target="latency"``: ``measure_latency_table`` of ``model`` (unpruned by depth); a layer
-            inside a removed block costs 0 s, the overhead stays constant (see ``latency_table_for``).
+            inside a removed block costs 0 s, its outputs' activation time too (see ``latency_table_for``).
 
     Returns:
         ``DepthPruneResult``.

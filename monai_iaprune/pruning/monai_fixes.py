@@ -429,6 +429,72 @@ def output_producers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.
     return found
 
 
+def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """Layers whose output channels are the network's output channels (classifier heads, seg output convs).
+
+    The last conv / linear layer run in forward is found by hooks, and so are the layers behind every output
+    tensor or kept aside (``output_producers``: deep-supervision heads); every layer coupled to their output channels
+    in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
+    """
+    order: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, PRUNABLE_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        return []
+    found = [order[-1]]
+    found += [m for m in output_producers(model, example_inputs) if m not in found]
+    with monai_pruning_fixes(model):
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, **trace_kwargs(model, example_inputs)
+        )
+    for last in list(found):
+        if last not in dg.module2node:
+            continue
+        out_fn = dg.get_pruner_of_module(last).prune_out_channels
+        group = dg.get_pruning_group(last, out_fn, idxs=[0])
+        for dep, _ in group:
+            m = dep.target.module
+            if (
+                isinstance(m, PRUNABLE_TYPES)
+                and dep.handler.__name__ == "prune_out_channels"
+                and m not in found
+            ):
+                found.append(m)
+    return found
+
+
+def pruning_setup(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    ignored: list[nn.Module] | None = None,
+    pruner_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[nn.Module], dict[str, Any]]:
+    """The layers a pruner of ``model`` must leave alone and the extra ``MetaPruner`` arguments it needs.
+
+    Ignored: ``ignored`` plus the output layers (``output_layers``), the zero-padded residual layers
+    (``padded_residual_layers``) and the family's own (``pruner_kwargs_for``); arguments:
+    ``pruner_kwargs_for`` and ``trace_kwargs``, then ``pruner_kwargs`` on top.
+    """
+    ignored = list(ignored or [])
+    ignored += [m for m in output_layers(model, example_inputs) if m not in ignored]
+    ignored += [m for m in padded_residual_layers(model, example_inputs) if m not in ignored]
+    extra = pruner_kwargs_for(model)
+    extra.update(trace_kwargs(model, example_inputs))
+    extra.update(pruner_kwargs or {})
+    ignored += [m for m in extra.pop("ignored_layers", []) if m not in ignored]
+    return ignored, extra
+
+
 def padded_residual_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """Conv layers whose output channels meet a zero-padded residual (``ChannelPad(mode="pad")``, ``HighResNet``).
 

@@ -18,11 +18,8 @@ from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImpor
 from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
 from monai_iaprune.pruning.monai_fixes import (
     monai_pruning_fixes,
-    output_producers,
-    padded_residual_layers,
-    pruner_kwargs_for,
+    pruning_setup,
     release_held_tensors,
-    trace_kwargs,
 )
 from monai_iaprune.pruning.quiet import quiet_op_counter
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES, out_channels
@@ -126,50 +123,6 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
 
 def _layer_channels(model: nn.Module) -> dict[str, int]:
     return {n: out_channels(m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
-
-
-def output_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
-    """Layers whose output channels are the network's output channels (classifier heads, seg output convs).
-
-    The last conv / linear layer run in forward is found by hooks, and so are the layers behind every output
-    tensor or kept aside (``output_producers``: deep-supervision heads); every layer coupled to their output channels
-    in torch-pruning's dependency graph (e.g. a residual projection) is returned too.
-    """
-    order: list[nn.Module] = []
-    handles = [
-        m.register_forward_hook(lambda mod, i, o: order.append(mod))
-        for m in model.modules()
-        if isinstance(m, PRUNABLE_TYPES)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    if not order:
-        return []
-    found = [order[-1]]
-    found += [m for m in output_producers(model, example_inputs) if m not in found]
-    with monai_pruning_fixes(model):
-        dg = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, **trace_kwargs(model, example_inputs)
-        )
-    for last in list(found):
-        if last not in dg.module2node:
-            continue
-        out_fn = dg.get_pruner_of_module(last).prune_out_channels
-        group = dg.get_pruning_group(last, out_fn, idxs=[0])
-        for dep, _ in group:
-            m = dep.target.module
-            if (
-                isinstance(m, PRUNABLE_TYPES)
-                and dep.handler.__name__ == "prune_out_channels"
-                and m not in found
-            ):
-                found.append(m)
-    return found
 
 
 def check_prune_kwargs(kwargs: Mapping[str, Any], reserved: Iterable[str] = ()) -> None:
@@ -462,12 +415,7 @@ def _prune_traced(
                 raise KeyError(f"ignored layer {item!r} is not a module of {type(model).__name__}")
             item = modules[item]
         ignored.append(item)
-    ignored += [m for m in output_layers(model, example_inputs) if m not in ignored]
-    ignored += [m for m in padded_residual_layers(model, example_inputs) if m not in ignored]
-    extra = pruner_kwargs_for(model)
-    extra.update(trace_kwargs(model, example_inputs))
-    extra.update(pruner_kwargs or {})
-    ignored += [m for m in extra.pop("ignored_layers", []) if m not in ignored]
+    ignored, extra = pruning_setup(model, example_inputs, ignored, pruner_kwargs)
     channels_before = _layer_channels(model)
     params_before = count_params(model)
     macs_before = count_macs(model, example_inputs)
