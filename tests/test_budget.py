@@ -98,3 +98,56 @@ def test_unreachable_latency_target(tmp_path, monkeypatch):
         model, _relevance(model), target="latency", speedup=1.2, example_inputs=X, latency_table=table
     )
     assert result.latency_estimated_speedup >= 1.2 and result.speedup is not None
+
+
+def _biased_clock(monkeypatch, tmp_path, power: float):
+    """A table from a deterministic layer clock, and a 'measured' latency that is the table's estimate to ``power``:
+    the table then over- (power < 1) or under-estimates (power > 1) what a selection saves."""
+    import importlib
+
+    import monai_iaprune.pruning.latency_table as lt
+
+    pr = importlib.import_module("monai_iaprune.pruning.prune")  # the attribute `prune` is the function
+    monkeypatch.setattr(
+        lt,
+        "_time_call",
+        lambda fn, x, device, repeats: 1e-6 * sum(p.numel() for p in fn.parameters()) * x.shape[-1] + 1e-3,
+    )
+    table = lt.measure_latency_table(_wide_late(), X, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(
+        pr,
+        "measure_latency_pair",
+        lambda a, b, x, **kw: (table.estimate_model(a) ** power, table.estimate_model(b) ** power),
+    )
+    return table
+
+
+def _true_speedup(table, base: nn.Module, pruned: nn.Module, power: float) -> float:
+    return (table.estimate_model(base) / table.estimate_model(pruned)) ** power
+
+
+@pytest.mark.parametrize("power", [0.7, 1.4])
+def test_latency_feedback_reaches_the_measured_speedup(tmp_path, monkeypatch, power):
+    """Oracle: the 'device' runs the table's estimate to ``power``. The table alone misses the request by > 5 %;
+    the measured corrections land within 5 % and keep the trial closest to it."""
+    table = _biased_clock(monkeypatch, tmp_path, power)
+    base = _wide_late()
+    alone, fed = copy.deepcopy(base), copy.deepcopy(base)
+    r0 = prune(alone, _relevance(base), target="latency", speedup=1.5, example_inputs=X, latency_table=table,
+               latency_feedback=0)  # fmt: skip
+    r2 = prune(fed, _relevance(base), target="latency", speedup=1.5, example_inputs=X, latency_table=table)
+    assert r0.latency_trials == []
+    assert abs(_true_speedup(table, base, alone, power) / 1.5 - 1) > 0.05
+    got = _true_speedup(table, base, fed, power)
+    assert abs(got / 1.5 - 1) <= 0.05, r2.latency_trials
+    assert r2.speedup == pytest.approx(got)
+    assert len(r2.latency_trials) >= 2 and r2.latency_trials[0][0] == 1.5
+    assert min(abs(m / 1.5 - 1) for _, m in r2.latency_trials) == pytest.approx(abs(got / 1.5 - 1))
+    assert "latency_trials" in r2.as_dict()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_bad_latency_feedback(bad):
+    model = _wide_late()
+    with pytest.raises(ValueError, match="latency_feedback"):
+        prune(model, _relevance(model), target="latency", speedup=1.5, example_inputs=X, latency_feedback=bad)

@@ -182,3 +182,25 @@ def test_a_network_that_cannot_be_narrowed_keeps_a_constant_overhead(tmp_path, a
 def test_fit_non_layer_time(points, expected):
     overhead, slope = lt._fit_non_layer_time(points)
     assert overhead == pytest.approx(expected[0]) and slope == pytest.approx(expected[1])
+
+
+def test_latency_pair_times_both_interleaved(monkeypatch):
+    """Call for call: a clock that slows down during the run hits both networks alike."""
+    calls: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(lt.time, "perf_counter", lambda: float(next(clock)) ** 1.5)  # ever slower
+
+    class Tagged(nn.Module):
+        def __init__(self, tag: str):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    a, b = lt.measure_latency_pair(Tagged("a"), Tagged("b"), X, threads=1, repeats=5)
+    assert calls == ["a", "b"] * 6  # one warm-up each, then alternating
+    assert 0.8 < a / b < 1.0  # the first of each pair is a little earlier on the slowing clock, never far off
+    with pytest.raises(ValueError, match="repeats"):
+        lt.measure_latency_pair(Tagged("a"), Tagged("b"), X, repeats=0)

@@ -9,7 +9,12 @@ from monai_iaprune.pruning.explanation_consistency import ExplanationConsistency
 from monai_iaprune.pruning.export import export_onnx, export_torch_export
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
 from monai_iaprune.pruning.iterative import prune_iteratively, prune_step
-from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
+from monai_iaprune.pruning.latency_table import (
+    LatencyTable,
+    measure_latency,
+    measure_latency_pair,
+    measure_latency_table,
+)
 from monai_iaprune.pruning.monai_fixes import output_layers
 from monai_iaprune.pruning.optimizer import parameter_snapshot, remap_optimizer
 from monai_iaprune.pruning.prune import (
@@ -37,6 +42,7 @@ __all__ = [
     "LatencyTable",
     "channel_costs",
     "measure_latency",
+    "measure_latency_pair",
     "measure_latency_table",
     "prune_iteratively",
     "prune_step",

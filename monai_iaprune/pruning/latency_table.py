@@ -293,6 +293,41 @@ def measure_latency(
 
 
 @torch.no_grad()
+def measure_latency_pair(
+    first: nn.Module,
+    second: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+    repeats: int = 10,
+) -> tuple[float, float]:
+    """Median seconds of one forward of ``first`` and of ``second``, timed interleaved (call for call), so that a
+    change of load or clock hits both and their ratio, a speed-up, stays honest.
+
+    Moves both models to ``device`` and puts them in eval mode.
+    """
+    device, threads = _check_device(device, threads)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    models = [first.eval().to(device), second.eval().to(device)]
+    x = example_inputs.to(device)
+    times: list[list[float]] = [[], []]
+    with _num_threads(threads):
+        for m in models:
+            m(x)
+        sync()
+        for _ in range(repeats):
+            for m, t in zip(models, times):
+                start = time.perf_counter()
+                m(x)
+                sync()
+                t.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+@torch.no_grad()
 def measure_latency_table(
     model: nn.Module,
     example_inputs: torch.Tensor,

@@ -15,7 +15,7 @@ from torch_pruning.utils import op_counter
 
 from monai_iaprune.pruning.cost import channel_costs
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
-from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency, measure_latency_table
+from monai_iaprune.pruning.latency_table import LatencyTable, measure_latency_pair, measure_latency_table
 from monai_iaprune.pruning.monai_fixes import (
     monai_pruning_fixes,
     pruning_setup,
@@ -27,6 +27,9 @@ from monai_iaprune.relevance.registry import METHODS
 from monai_iaprune.utils.settings import check_int, check_number
 
 TARGETS = ("params", "macs", "channels", "latency")
+LATENCY_FEEDBACK_TOLERANCE = (
+    0.05  # a measured speed-up within 5 % of the request ends the measured corrections
+)
 
 
 class CountsBeforeAfter:
@@ -62,6 +65,8 @@ class PruneResult(CountsBeforeAfter):
         params_before, params_after, macs_before, macs_after: counts on ``example_inputs``.
         channels: ``{layer name: (out channels before, out channels after)}`` for every conv / linear layer.
         channel_ratio: the torch-pruning channel ratio that reached the target.
+        latency_trials: ``target="latency"``: ``[(table speed-up aimed at, measured speed-up)]`` of each
+            selection timed by the measured corrections (``prune``'s ``latency_feedback``), in order.
         history: ``[(module name, "out" | "in", [removed indices])]`` in the order applied, so an
             optimizer or any per-parameter state can be sliced the same way.
     """
@@ -79,6 +84,7 @@ class PruneResult(CountsBeforeAfter):
     latency_before: float | None = None
     latency_after: float | None = None
     latency_estimated_speedup: float | None = None
+    latency_trials: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
@@ -98,6 +104,7 @@ class PruneResult(CountsBeforeAfter):
             "latency_after": self.latency_after,
             "speedup": self.speedup,
             "latency_estimated_speedup": self.latency_estimated_speedup,
+            "latency_trials": [list(t) for t in self.latency_trials],
             "per_layer": [
                 {"name": n, "channels_before": b, "channels_after": a} for n, (b, a) in self.channels.items()
             ],
@@ -288,6 +295,7 @@ def prune(
     latency_table: LatencyTable | None = None,
     device: torch.device | str | None = None,
     threads: int | None = None,
+    latency_feedback: int = 2,
 ) -> PruneResult:
     """Remove the least relevant channels of ``model`` in place.
 
@@ -333,6 +341,12 @@ def prune(
         latency_table: ``target="latency"``: a ``measure_latency_table`` result for ``model`` at
             ``example_inputs``; default: measured (or read from the cache) on ``device`` / ``threads``.
         device, threads: where latency is measured (default the model's device; CPU threads as set).
+        latency_feedback: ``target="latency"``: measured corrections of the table's selection. The pruned
+            selection is timed against the unpruned network; while its measured speed-up is more than 5 % off the
+            request, the speed-up aimed at in the table is scaled by requested / measured and the selection
+            searched again, at most this many times (or until the table cannot reach the corrected aim); the
+            selection measured closest to the request is kept (``PruneResult.latency_trials``). 0: the table's
+            estimate alone.
 
     Why a greedy ratio order rather than HALP's group knapsack: the global ranking *is* torch-pruning's
     (MetaPruner with an ``Importance``), so ``round_to``, ``max_layer_ratio`` and channel groups keep
@@ -359,6 +373,7 @@ def prune(
         raise ValueError("cost_aware needs a params, macs or latency budget, not target='channels'")
     normalizer = resolve_normalizer(normalizer, relevance, "params" if cost_aware else target)
     check_prune_kwargs({"max_layer_ratio": max_layer_ratio, "round_to": round_to, "tolerance": tolerance})
+    check_int(latency_feedback, "latency_feedback", 0)
     if not relevance:
         raise ValueError(
             "relevance is empty: no layer has scores to rank (channel_relevance found no layer?)"
@@ -382,7 +397,7 @@ def prune(
         return _prune_traced(
             model, relevance, ratio, target, speedup, example_inputs, ignored_layers, pruner_kwargs,
             global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, tolerance, cost_aware,
-            latency_table, latency_device, threads,
+            latency_table, latency_device, threads, latency_feedback,
         )  # fmt: skip
     finally:
         params = dict(model.named_parameters())
@@ -395,7 +410,7 @@ def prune(
 def _prune_traced(
     model, relevance, ratio, target, speedup, example_inputs, ignored_layers, pruner_kwargs,
     global_pruning, round_to, max_layer_ratio, normalizer, group_reduction, tolerance, cost_aware,
-    latency_table, latency_device, threads,
+    latency_table, latency_device, threads, latency_feedback=0,
 ) -> PruneResult:  # fmt: skip
     """``prune`` after its argument checks, with every parameter trainable and the model in eval mode."""
     release_held_tensors(model)  # e.g. DynUNet heads from the relevance pass: the trials deep-copy the model
@@ -429,9 +444,7 @@ def _prune_traced(
                 model, example_inputs, device=latency_device, threads=threads
             )
         latency_estimate_before = latency_table.estimate_model(model)
-        latency_before = measure_latency(
-            copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
-        )
+        unpruned = copy.deepcopy(model)  # timed beside every pruned selection (interleaved)
     if cost_aware:
         try:
             costs = channel_costs(
@@ -475,25 +488,40 @@ def _prune_traced(
                 ) from e
         return m, reached, hist
 
+    def search(goal: float) -> float:
+        return _search_channel_ratio(
+            lambda p: trial(p)[1], goal, target, max_layer_ratio, tolerance, at_least=cost_aware
+        )
+
+    latency_trials: list[tuple[float, float]] = []
     if target == "channels":
         channel_ratio = float(ratio)
     else:
         try:
-            channel_ratio = _search_channel_ratio(
-                lambda p: trial(p)[1], float(ratio), target, max_layer_ratio, tolerance, at_least=cost_aware
-            )
+            channel_ratio = search(float(ratio))
         except ValueError as e:
             if target == "latency":
                 raise ValueError(
                     f"speedup {speedup} is not reachable (estimated from the latency table): {e}"
                 ) from None
             raise
+    if target == "latency" and latency_feedback:
+
+        def measured_speedup(p: float) -> float:
+            before, after = measure_latency_pair(
+                unpruned, trial(p)[0], example_inputs, device=latency_device, threads=threads
+            )
+            return before / after
+
+        channel_ratio, latency_trials = _measured_corrections(
+            measured_speedup, search, channel_ratio, float(speedup), latency_feedback
+        )
     history = _apply(model, relevance, channel_ratio, example_inputs, ignored, *options)
     latency_after = estimated_speedup = None
     if target == "latency":
         estimated_speedup = latency_estimate_before / latency_table.estimate_model(model)
-        latency_after = measure_latency(
-            copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
+        latency_before, latency_after = measure_latency_pair(
+            unpruned, copy.deepcopy(model), example_inputs, device=latency_device, threads=threads
         )
     channels_after = _layer_channels(model)
     emptied = [n for n, c in channels_after.items() if c == 0]
@@ -513,7 +541,35 @@ def _prune_traced(
         latency_before=latency_before,
         latency_after=latency_after,
         latency_estimated_speedup=estimated_speedup,
+        latency_trials=latency_trials,
     )
+
+
+def _measured_corrections(
+    measured_speedup, search, channel_ratio: float, speedup: float, steps: int
+) -> tuple[float, list[tuple[float, float]]]:
+    """Correct a latency-table selection by timing it: ``(channel ratio kept, [(aim, measured)])``.
+
+    ``measured_speedup(p)`` times the selection at channel ratio ``p``; ``search(fraction)`` finds the channel
+    ratio removing ``fraction`` of the table's seconds. The aim starts at ``speedup`` and is scaled by
+    ``speedup / measured`` after each timing more than ``LATENCY_FEEDBACK_TOLERANCE`` off; the selection measured
+    closest to ``speedup`` (in log space) is returned.
+    """
+    aim, tried = speedup, []
+    for i in range(steps + 1):
+        measured = measured_speedup(channel_ratio)
+        tried.append((abs(math.log(measured / speedup)), channel_ratio, (aim, measured)))
+        if abs(measured / speedup - 1.0) <= LATENCY_FEEDBACK_TOLERANCE or i == steps:
+            break
+        aim *= speedup / measured
+        if aim <= 1.0:
+            break
+        try:
+            channel_ratio = search(1.0 - 1.0 / aim)
+        except ValueError:  # the table cannot reach the corrected aim: keep the best measured so far
+            break
+    best = min(tried, key=lambda t: t[0])
+    return best[1], [t[2] for t in tried]
 
 
 def _search_channel_ratio(
