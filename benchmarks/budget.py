@@ -861,6 +861,46 @@ def segmentation_section(
     )
 
 
+def _speedup_summary(rows: list[dict]) -> dict[tuple[str, str], str]:
+    """``{(dataset, requested): "median measured (min-max), n"}`` of the measured latency rows."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["budget_kind"] == "latency" and r["speedup_measured"]:
+            out.setdefault((r["dataset"], f"{float(r['budget']):g}"), []).append(float(r["speedup_measured"]))
+    return {
+        k: f"{np.median(v):.2f}x ({min(v):.2f}-{max(v):.2f}, {len(v)} rows)" for k, v in sorted(out.items())
+    }
+
+
+def latency_model_section(rows: list[dict], datasets: list[str], args: argparse.Namespace) -> str:
+    """The latency tables' fitted non-layer time and requested vs measured speed-ups, beside the constant-overhead
+    model's rows (``budget_latency_v1.csv``, kept for the record) where that file exists."""
+    lines = [
+        "### Latency model: requested vs measured speed-up",
+        "The tables (`--phase tables`) fit the time outside the conv / linear layers as a constant plus a part per "
+        "element the layers output (fitted on the base network and a copy with half of every layer's channels "
+        "removed, `measure_latency_table`). Until 2026-11-30 that time was one constant; its rows are kept in "
+        "`benchmarks/results/budget_latency_v1.csv` (not in the tables above).",
+        "",
+        "| dataset | table: layers / constant / per element | requested | measured now | measured with the constant model |",
+        "|---|---|---|---|---|",
+    ]
+    now = _speedup_summary(rows)
+    v1_file = args.out / "budget_latency_v1.csv"
+    before = _speedup_summary(read_rows(v1_file)) if v1_file.exists() else {}
+    for d in datasets:
+        table = load_table(table_path(args.cache, d, args.threads))
+        if table is None:
+            continue
+        desc = (
+            f"{1000 * sum(t(t.in_channels[-1], t.out_channels[-1]) for t in table.layers.values()):.2f} ms / "
+            f"{1000 * table.overhead:.2f} ms / {1e9 * table.activation_seconds:.2f} ns"
+        )
+        for b in sorted({k[1] for k in (*now, *before) if k[0] == d}, key=float):
+            lines.append(f"| {d} | {desc} | {b}x | {now.get((d, b), '-')} | {before.get((d, b), '-')} |")
+    return "\n".join(lines)
+
+
 def phase_report(args: argparse.Namespace) -> str:
     rows = read_rows(args.out / "budget.csv")
     if not rows:
@@ -935,6 +975,7 @@ def phase_report(args: argparse.Namespace) -> str:
             + equal_budget_table(rows, "macs", pr, goal_ds, methods),
             f"### Equal latency (requested CPU speed-up)\n\nCommand: `{report_cmd}` (rows from `{cmd_acc}` after "
             "`--phase tables`)\n\n" + equal_budget_table(rows, "latency", pr, goal_ds, methods),
+            latency_model_section(rows, datasets, args),
             f"### One-shot vs iterative ({STEPS} steps)\n\nCommand: `{report_cmd}`. diff = iterative - one-shot, "
             "test ACC points, seeds both schedules have.\n\n" + schedule_table(rows, pr, goal_ds, methods),
             *(
