@@ -31,6 +31,13 @@ def _eval_trace(model, x) -> dict:
     return {"forward_fn": forward_fn}
 
 
+def _setup_with_eval_trace(model, x, ignored=None, pruner_kwargs=None):
+    """``pruning_setup`` whose pruner traces as torch-pruning does without the fix (``_eval_trace``)."""
+    ignored, extra = F.pruning_setup(model, x, ignored, pruner_kwargs)
+    extra.update(_eval_trace(model, x))
+    return ignored, extra
+
+
 def _train_step_runs(net: nn.Module, x: torch.Tensor) -> None:
     net.train()
     out = net(x)
@@ -69,7 +76,7 @@ def _dynunet(res_block: bool = True, deep_supervision: bool = True) -> nn.Module
 def test_deep_supervision_heads_keep_their_width(monkeypatch, fixed):
     """DynUNet keeps its heads' outputs aside in eval mode: untraced, they kept their input width."""
     if not fixed:
-        monkeypatch.setattr(PRUNE_MODULE, "trace_kwargs", _eval_trace)
+        monkeypatch.setattr(PRUNE_MODULE, "pruning_setup", _setup_with_eval_trace)
     net, x = _dynunet(res_block=False), torch.randn(2, 1, 16, 16)
     rel = channel_relevance(net, None, "magnitude", progress=False)
     if not fixed:
@@ -89,7 +96,7 @@ def test_training_only_branch_is_traced(monkeypatch, fixed):
     Its ``vae_fc3`` output is reshaped to feature maps and kept whole (``_vae_reshaped_linears``).
     """
     if not fixed:
-        monkeypatch.setattr(PRUNE_MODULE, "trace_kwargs", _eval_trace)
+        monkeypatch.setattr(PRUNE_MODULE, "pruning_setup", _setup_with_eval_trace)
     torch.manual_seed(0)
     net = nets.SegResNetVAE((16, 16), spatial_dims=2, init_filters=8, in_channels=1, out_channels=2, vae_nz=8)
     x = torch.randn(2, 1, 16, 16)
@@ -133,7 +140,7 @@ def _highresnet() -> nn.Module:
 def test_zero_padded_residual_keeps_its_streams(monkeypatch, fixed):
     """HighResNet ``x_conv + F.pad(x)`` (4 -> 8 channels) is traced as element-wise: indices past x's 4 channels."""
     if not fixed:
-        monkeypatch.setattr(PRUNE_MODULE, "padded_residual_layers", lambda model, x: [])
+        monkeypatch.setattr(F, "padded_residual_layers", lambda model, x: [])
     net, x = _highresnet(), torch.randn(1, 1, 16, 16)
     rel = channel_relevance(net, None, "magnitude", progress=False)
     if not fixed:
