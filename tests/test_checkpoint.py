@@ -109,3 +109,24 @@ def test_failed_save_leaves_no_partial_file(pruned, tmp_path: Path, monkeypatch)
         save_pruned(pruned, target, extra={"method": "magnitude"}, overwrite=True)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["p.pt"]
+
+
+def test_written_files_get_normal_permissions(pruned, tmp_path: Path):
+    """Outputs are written through 0600 temporary files; the saved file must get a new file's mode (umask), and an
+    overwritten file keeps its own mode."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        target = save_pruned(pruned, tmp_path / "p.pt")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+        ts = export_torchscript(pruned, tmp_path / "p.ts", torch.randn(1, 1, 16, 16))
+        assert stat.S_IMODE(ts.stat().st_mode) == 0o644
+        os.umask(0o027)
+        assert stat.S_IMODE(save_pruned(pruned, tmp_path / "q.pt").stat().st_mode) == 0o640
+        target.chmod(0o604)
+        save_pruned(pruned, target, overwrite=True)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o604
+    finally:
+        os.umask(old)

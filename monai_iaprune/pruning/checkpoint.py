@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from monai_iaprune.pruning.depth import replay_removed_blocks
+from monai_iaprune.utils.outputs import file_mode_for
 
 __all__ = [
     "FORMAT",
@@ -144,7 +145,8 @@ def atomic_write(
     """Write a file through a temporary file in the same directory, then ``os.replace`` it into place.
 
     A failure while writing leaves neither a partial file at ``path`` nor a temporary file behind, and
-    an existing ``path`` untouched.
+    an existing ``path`` untouched. The file gets the permissions of the one it replaces, or a new file's
+    (``file_mode_for``), not the temporary file's ``0o600``.
 
     Args:
         path: destination file.
@@ -162,6 +164,7 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode_for(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

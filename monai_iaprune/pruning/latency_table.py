@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from monai_iaprune.pruning.cost import ChannelCost
 from monai_iaprune.pruning.monai_fixes import monai_pruning_fixes, pruning_setup
 from monai_iaprune.relevance.layers import PRUNABLE_TYPES
+from monai_iaprune.utils.outputs import file_mode_for
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 CACHE_FILE = "latency_table.json"
@@ -429,6 +430,7 @@ def measure_latency_table(
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as f:
             json.dump(cache, f)
+            os.fchmod(f.fileno(), file_mode_for(file))
         os.replace(f.name, file)
     table = {}
     for n in shapes:

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "check_folder_writable",
     "clean_stale_temps",
     "complete_interrupted_commits",
+    "file_mode_for",
     "release_lock",
 ]
 
@@ -68,6 +70,18 @@ def check_folder_writable(folder: str | os.PathLike) -> Path:
             "fix its permissions or point the output setting elsewhere"
         ) from e
     return folder
+
+
+def file_mode_for(path: str | os.PathLike) -> int:
+    """Permission bits a file written at ``path`` should get: those of the file it replaces, else what ``open``
+    gives a new file (``0o666`` less the process umask). Temporary files are created ``0o600``; without this every
+    output renamed from one would be readable by its owner only."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _pid_alive(pid: int) -> bool:
