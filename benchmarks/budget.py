@@ -911,7 +911,11 @@ def phase_report(args: argparse.Namespace) -> str:
     goal_rows = [r for r in rows if r["dataset"] in goal_ds]
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in rows)]
     pr = Preds(args.out / "budget_preds", args.n_boot)
-    rel = lambda p: p.relative_to(HERE.parent) if p.resolve().is_relative_to(HERE.parent) else p  # noqa: E731
+
+    def rel(p: Path) -> Path:
+        root = HERE.parent.resolve()
+        return p.resolve().relative_to(root) if p.resolve().is_relative_to(root) else p
+
     cmd_acc = "OMP_NUM_THREADS=1 python benchmarks/budget.py --phase accuracy " + " ".join(
         f"--{k.replace('_', '-')} " + " ".join(map(str, v))
         for k, v in (
@@ -926,9 +930,17 @@ def phase_report(args: argparse.Namespace) -> str:
         cmd_acc = "`; `".join(dict.fromkeys("OMP_NUM_THREADS=1 " + r["command"] for r in acc_runs))
     lat_info = args.out / "budget_latency_info.json"
     lat_runs = json.loads(lat_info.read_text()) if lat_info.exists() else []
+    recent = []  # the latest run over every dataset and the partial runs after it (rows they added)
+    for r in reversed(lat_runs):
+        recent.insert(0, r)
+        if "--datasets" not in r["command"] or all(d in r["command"] for d in datasets):
+            break
     lat_cmd = (
-        f"`{lat_runs[-1]['command']}` ({lat_runs[-1]['threads']} thread(s), load average at end {lat_runs[-1]['load_end'][0]:.1f})"
-        if lat_runs
+        "; ".join(
+            f"`{r['command']}` ({r['threads']} thread(s), load average at end {r['load_end'][0]:.1f})"
+            for r in recent
+        )
+        if recent
         else "not run yet"
     )
     n_rows = {d: sum(r["dataset"] == d for r in rows) for d in datasets}
