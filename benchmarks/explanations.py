@@ -11,6 +11,12 @@ re-calibrated, then fine-tuned with ``run.py``'s recipe (AdamW, one-cycle LR, fl
   Spearman agreement on ``--n_val`` validation images among weights whose validation ACC is not below the
   plain arm's minus ``--val_acc_tol``; the test set is not looked at.
 
+Options: ``--train_explainer ig`` fits few-step IG maps (``--train_ig_steps``) in place of gradient x input (IG is
+then dropped from the evaluation explainers); ``--explain_kd A`` adds logit distillation from the unpruned network to
+the explain arm (``run.train``'s ``kd_alpha``, T = 4) and a third arm ``distill`` (distillation only, no term) as
+its control. ``--reference`` measures instead what agreement maps keep WITHOUT pruning (``reference_rows``: the
+explainer's own noise, an independently trained model, the unpruned model after the same fine-tune).
+
 Both arms are evaluated with explainers the student was *not* trained on, IG (captum, ``--ig_steps``) and LRP,
 on the first ``--n_expl`` test images: median Spearman and top-10 % IoU of pruned vs unpruned maps of the true
 label, mean deletion AUC of each model with its own maps (lower = more faithful), test ACC on the whole test
@@ -80,8 +86,11 @@ def finetune(
     lr: float = 1e-3,
     consistency: ExplanationConsistencyLoss | None = None,
     weight: float = 0.0,
+    teacher: nn.Module | None = None,
+    kd_alpha: float = 0.0,
 ) -> dict[str, Any]:
-    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term."""
+    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term and
+    optional logit distillation from ``teacher`` (``kd_alpha``, temperature 4: ``run.train``'s)."""
     terms: list[float] = []
 
     def term(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -91,7 +100,7 @@ def finetune(
 
     use = consistency is not None and weight > 0
     info = train(model, train_xy, val_xy, epochs, batch, seed, lr=lr, include_start=True,
-                 extra_loss=term if use else None)  # fmt: skip
+                 extra_loss=term if use else None, teacher=teacher, kd_alpha=kd_alpha)  # fmt: skip
     model.eval()
     return {
         "best_epoch": info["best_epoch"],
@@ -142,6 +151,11 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
 
 
+def evaluation_explainers(train_explainer: str) -> list[str]:
+    """The explainers agreement is scored with: never the one the consistency term trains on."""
+    return [e for e in EVAL_EXPLAINERS if e != train_explainer]
+
+
 def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
     cfg = DATASETS[name]
     path = run.DATA_DIR / cfg["file"]
@@ -151,6 +165,9 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
     data = {s: load_split(path, s, args.limit) for s in ("train", "val", "test")}
     done = {(r["dataset"], r["macs_target"], r["seed"]) for r in read_rows(csv_path)}
     xtr, ytr = data["train"]
+    eval_explainers = evaluation_explainers(args.train_explainer)
+    kd = f"+kd{args.explain_kd:g}" if args.explain_kd > 0 else ""
+    train_label = {"plain": "", "distill": kd.lstrip("+"), "explain": args.train_explainer + kd}
     for seed in args.seeds:  # each seed prunes its own base model (run.base_model: trained with that seed)
         todo = [r for r in args.ratios if (name, f"{r:.4f}", str(seed)) not in done]
         if not todo:
@@ -169,8 +186,8 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
         )
         xe, ye = xt[: args.n_expl], yt[: args.n_expl]
         sel_e = explained_selection(model, xe, ye, "label")
-        base_maps = {e: explain(model, xe, sel_e, e, args.ig_steps) for e in EVAL_EXPLAINERS}
-        base_del = {e: deletion_aucs(model, xe, base_maps[e], sel_e) for e in EVAL_EXPLAINERS}
+        base_maps = {e: explain(model, xe, sel_e, e, args.ig_steps) for e in eval_explainers}
+        base_del = {e: deletion_aucs(model, xe, base_maps[e], sel_e) for e in eval_explainers}
         xv, yv = data["val"][0][: args.n_val], data["val"][1][: args.n_val]
         sel_v = explained_selection(model, xv, yv, "label")
         base_val_ig = explain(model, xv, sel_v, "ig", args.ig_steps)
@@ -197,6 +214,7 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                 return agreement_from_maps(ref, explain(m, xv, sel_v, "ig", args.ig_steps))["spearman_median"]
 
             arms: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+            teacher = copy.deepcopy(model).eval() if args.explain_kd > 0 else None
             plain = copy.deepcopy(pruned)
             ft = finetune(plain, data["train"], data["val"], ft_epochs, cfg["batch"], seed)
             ft["val_spearman_ig"] = val_agreement(plain)
@@ -205,12 +223,37 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                 f"  [plain] val ACC {ft['val_acc']:.4f} val IG Spearman {ft['val_spearman_ig']:.4f}",
                 flush=True,
             )
+            if args.explain_kd > 0:  # the distillation alone: what the term adds beyond it
+                dm = copy.deepcopy(pruned)
+                ftd = finetune(dm, data["train"], data["val"], ft_epochs, cfg["batch"], seed,
+                               teacher=teacher, kd_alpha=args.explain_kd)  # fmt: skip
+                ftd["val_spearman_ig"] = val_agreement(dm)
+                arms["distill"] = (dm, ftd)
+                print(
+                    f"  [distill] val ACC {ftd['val_acc']:.4f} val IG Spearman {ftd['val_spearman_ig']:.4f}",
+                    flush=True,
+                )
             candidates = []
             for w in args.weights:
                 m = copy.deepcopy(pruned)
-                loss = ExplanationConsistencyLoss(copy.deepcopy(model).eval(), explainer="grad_x_input")
+                loss = ExplanationConsistencyLoss(
+                    copy.deepcopy(model).eval(),
+                    explainer=args.train_explainer,
+                    explainer_kwargs={"n_steps": args.train_ig_steps}
+                    if args.train_explainer == "ig"
+                    else None,
+                )
                 ftw = finetune(
-                    m, data["train"], data["val"], ft_epochs, cfg["batch"], seed, consistency=loss, weight=w
+                    m,
+                    data["train"],
+                    data["val"],
+                    ft_epochs,
+                    cfg["batch"],
+                    seed,
+                    consistency=loss,
+                    weight=w,
+                    teacher=teacher,
+                    kd_alpha=args.explain_kd,
                 )
                 ftw["val_spearman_ig"] = val_agreement(m)
                 ftw["weight"] = w
@@ -231,12 +274,12 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
             for arm, (m, ftinfo) in arms.items():
                 acc = float(correct[arm].mean())
                 acc_lo, acc_hi = bootstrap(correct[arm], np.mean, args.n_boot)
-                if arm == "explain":
-                    diff = correct["explain"] - correct["plain"]
+                if arm != "plain":
+                    diff = correct[arm] - correct["plain"]
                     d, (d_lo, d_hi) = float(diff.mean()), bootstrap(diff, np.mean, args.n_boot)
                 else:
                     d = d_lo = d_hi = ""
-                for e in EVAL_EXPLAINERS:
+                for e in eval_explainers:
                     maps = explain(m, xe, sel_e, e, args.ig_steps)
                     agree = agreement_from_maps(base_maps[e], maps, 0.1)
                     sp = np.asarray(agree["per_image"]["spearman"], dtype=float)
@@ -268,7 +311,7 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                             "acc_diff_hi": d_hi,
                             "macs_target": f"{ratio:.4f}",
                             "weight": ftinfo.get("weight", 0.0),
-                            "explainer_train": "grad_x_input" if arm == "explain" else "",
+                            "explainer_train": train_label[arm],
                             "val_spearman_ig": ftinfo["val_spearman_ig"],
                             "val_acc": ftinfo["val_acc"],
                             "acc_pruned_no_ft": acc_pr,
@@ -286,6 +329,103 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                         flush=True,
                     )
             append_rows(csv_path, rows)
+
+
+REFERENCE_COLUMNS = [
+    "dataset", "seed", "comparison", "explainer", "spearman", "spearman_lo", "spearman_hi",
+    "iou10", "iou10_lo", "iou10_hi", "acc_a", "acc_b", "ft_epochs", "kd_alpha", "n_expl", "ig_steps", "model",
+]  # fmt: skip
+REFERENCE_LABELS = {
+    "ig_steps": "IG at --ig_steps vs 4x the steps, same unpruned model (the explainer's own noise)",
+    "other_seed": "unpruned model vs the unpruned model of the next seed (independently trained)",
+    "finetune_unpruned": "unpruned model vs itself after the plain fine-tune (no pruning; last improving epoch >= 1)",
+    "finetune_unpruned_kd": "the same fine-tune with logit distillation from the model itself (--explain_kd)",
+}
+
+
+def reference_rows(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """What agreement a pruned model could be expected to reach: agreement of maps that differ WITHOUT pruning.
+
+    Per seed, on the same first ``--n_expl`` test images and selections as ``run_dataset``: the explainer's own
+    noise (IG at ``--ig_steps`` vs 4x the steps), an independently trained unpruned model (the next seed's), and the
+    unpruned model after the same fine-tune the pruned ones get (plain, and with ``--explain_kd`` distillation from
+    itself) -- ``include_start=False``, so the fine-tune's weights are not the start's.
+    """
+    cfg = DATASETS[name]
+    path = run.DATA_DIR / cfg["file"]
+    if not path.exists():
+        print(f"[skip] {name}: {path} not present")
+        return []
+    data = {s: load_split(path, s, args.limit) for s in ("train", "val", "test")}
+    xt, yt = data["test"]
+    xe, ye = xt[: args.n_expl], yt[: args.n_expl]
+    ft_epochs = args.ft_epochs if args.ft_epochs is not None else cfg["ft_epochs"]
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        model, _ = run.base_model(name, cfg, data, args.cache, epochs=args.epochs, seed=seed)
+        other, _ = run.base_model(name, cfg, data, args.cache, epochs=args.epochs, seed=(seed + 1) % 3)
+        model.eval(), other.eval()
+        sel = explained_selection(model, xe, ye, "label")
+        acc = metrics(yt, predict(model, xt))[0]
+        maps = {e: explain(model, xe, sel, e, args.ig_steps) for e in EVAL_EXPLAINERS}
+        pairs: list[tuple[str, str, torch.Tensor, float]] = [
+            ("ig_steps", "ig", explain(model, xe, sel, "ig", 4 * args.ig_steps), acc)
+        ]
+        acc_other = metrics(yt, predict(other, xt))[0]
+        pairs += [
+            ("other_seed", e, explain(other, xe, sel, e, args.ig_steps), acc_other) for e in EVAL_EXPLAINERS
+        ]
+        variants = [("finetune_unpruned", 0.0)] + (
+            [("finetune_unpruned_kd", args.explain_kd)] if args.explain_kd else []
+        )
+        for comparison, kd in variants:
+            ft = copy.deepcopy(model)
+            train(ft, data["train"], data["val"], ft_epochs, cfg["batch"], seed, include_start=False,
+                  teacher=copy.deepcopy(model).eval() if kd else None, kd_alpha=kd)  # fmt: skip
+            ft.eval()
+            acc_ft = metrics(yt, predict(ft, xt))[0]
+            pairs += [
+                (comparison, e, explain(ft, xe, sel, e, args.ig_steps), acc_ft) for e in EVAL_EXPLAINERS
+            ]
+        for comparison, e, maps_b, acc_b in pairs:
+            agree = agreement_from_maps(maps[e], maps_b, 0.1)
+            sp = np.asarray(agree["per_image"]["spearman"], dtype=float)
+            iou = np.asarray(agree["per_image"]["top10_iou"], dtype=float)
+            sp_ci, iou_ci = (
+                bootstrap(sp, np.nanmedian, args.n_boot),
+                bootstrap(iou, np.nanmedian, args.n_boot),
+            )
+            rows.append({
+                "dataset": name, "seed": seed, "comparison": comparison, "explainer": e,
+                "spearman": agree["spearman_median"], "spearman_lo": sp_ci[0], "spearman_hi": sp_ci[1],
+                "iou10": agree["top10_iou_median"], "iou10_lo": iou_ci[0], "iou10_hi": iou_ci[1],
+                "acc_a": acc, "acc_b": acc_b, "ft_epochs": ft_epochs if comparison.startswith("finetune") else "",
+                "kd_alpha": args.explain_kd if comparison == "finetune_unpruned_kd" else "",
+                "n_expl": len(xe), "ig_steps": args.ig_steps, "model": model_name(cfg),
+            })  # fmt: skip
+            print(f"  [{name} s{seed} {comparison} / {e}] Spearman {rows[-1]['spearman']:.3f} IoU10 "
+                  f"{rows[-1]['iou10']:.3f} ACC {acc:.3f} -> {acc_b:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def reference_table(rows: list[dict[str, str]]) -> list[str]:
+    """Markdown: the reference comparisons, mean over seeds (per-seed rows are in the CSV)."""
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["comparison"], r["explainer"]), []).append(r)
+    lines = [
+        "| dataset | comparison | explainer | seeds | Spearman (per seed) | top-10 % IoU (per seed) | ACC a -> b |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (d, c, e), g in groups.items():
+        mean = lambda k, g=g: float(np.mean([float(x[k]) for x in g]))  # noqa: E731
+        per = lambda k, g=g: ", ".join(_f(x[k], 2) for x in g)  # noqa: E731
+        lines.append(
+            f"| {d} | {c} | {e} | {len(g)} | {mean('spearman'):.3f} ({per('spearman')}) | "
+            f"{mean('iou10'):.3f} ({per('iou10')}) | {mean('acc_a'):.3f} -> {mean('acc_b'):.3f} |"
+        )
+    lines += [""] + [f"- `{k}`: {v}" for k, v in REFERENCE_LABELS.items()]
+    return lines
 
 
 VERDICT_MARK = "<!-- verdict: kept when the tables are regenerated -->"
@@ -307,10 +447,12 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
         "# Explanation-preserving fine-tuning (issue #16): plain vs explanation-consistency fine-tune",
         "",
         "Generated by `benchmarks/explanations.py --summary` from the CSVs below (module docstring: the protocol).",
-        "LRP-pruned by MACs, BatchNorm re-calibrated, the same fine-tune (run.py's recipe and `ft_epochs`) plain or",
-        "with `weight x` the gradient x input consistency term (weight chosen on validation IG agreement).",
-        "Agreement of pruned vs unpruned maps (median over the first 32 test images) with IG and LRP, neither of",
-        "which the consistency term trains on; deletion AUC: mean, lower = more faithful; ACC on the whole test set.",
+        "LRP-pruned by MACs, BatchNorm re-calibrated, the same fine-tune (run.py's recipe and `ft_epochs`): `plain`,",
+        "`explain` with `weight x` the consistency term (gradient x input maps, or few-step IG where a file's",
+        "`explainer_train` says `ig`; `+kd0.9`: with logit distillation from the unpruned network, alpha 0.9, T 4;",
+        "weight chosen on validation IG agreement), or `distill` (the distillation alone, the control of `+kd`).",
+        "Agreement of pruned vs unpruned maps (median over the first 32 test images) with IG and LRP, never the",
+        "explainer the term trains on; deletion AUC: mean, lower = more faithful; ACC on the whole test set.",
         "Brackets: 95 % bootstrap intervals (images; ACC difference paired over test images).",
         "",
         f"Goals of the issue: {GOALS}.",
@@ -321,6 +463,9 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
         if not rows:
             continue
         lines += ["", f"## {csv_path.name}", "", "```", command, "```", ""]
+        if "comparison" in rows[0]:  # a --reference file
+            lines += reference_table(rows)
+            continue
         lines += [
             "| dataset | seed | MACs removed | fine-tune | weight | explainer | Spearman | top-10 % IoU | deletion AUC base "
             "-> pruned | ACC | ACC - plain | val IG Spearman |",
@@ -358,7 +503,7 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
             ]
             for (d, m, ft, e), g in groups.items():
                 mean = lambda k, g=g: float(np.mean([float(x[k]) for x in g if x[k] != ""]))  # noqa: E731
-                diff = f"{_f(mean('acc_diff_vs_plain'))}" if ft == "explain" else ""
+                diff = f"{_f(mean('acc_diff_vs_plain'))}" if ft != "plain" else ""
                 lines.append(
                     f"| {d} | {_f(m, 2)} | {ft} | {e} | {len(g)} | {_f(mean('spearman'))} | {_f(mean('iou10'))} | "
                     f"{_f(mean('deletion_auc_base'))} -> {_f(mean('deletion_auc_pruned'))} | {_f(mean('acc'))} | {diff} |"
@@ -405,6 +550,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--val_acc_tol", type=float, default=0.01, help="validation ACC a weight may lose vs plain"
     )
+    p.add_argument(
+        "--train_explainer",
+        default="grad_x_input",
+        choices=["grad_x_input", "ig"],
+        help="map the consistency term trains on (never an evaluation explainer of the run)",
+    )
+    p.add_argument("--train_ig_steps", type=int, default=4, help="IG steps of the 'ig' training explainer")
+    p.add_argument(
+        "--explain_kd",
+        type=float,
+        default=0.0,
+        help="logit distillation from the unpruned model in the explain arm (run.train's kd_alpha, T = 4); "
+        "> 0 adds a 'distill' arm (distillation only) as its control",
+    )
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--n_expl", type=int, default=32)
     p.add_argument("--n_val", type=int, default=32)
@@ -428,6 +587,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only write explanations.md from CSV files, each with the command that produced it",
     )
     p.add_argument("--md", type=Path, default=RESULTS / "explanations.md")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="only measure the agreement reached without pruning (reference_rows) into "
+        "explanations_reference.csv (or --out)",
+    )
     return p.parse_args(argv)
 
 
@@ -439,6 +604,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.md}")
         return 0
     torch.set_num_threads(args.threads)
+    if args.reference:
+        out = args.out if args.out != RESULTS / "explanations.csv" else RESULTS / "explanations_reference.csv"
+        for name in args.datasets:
+            rows = reference_rows(name, args)
+            new = not out.exists()
+            with out.open("a", newline="") as f:
+                w = csv.DictWriter(f, REFERENCE_COLUMNS)
+                if new:
+                    w.writeheader()
+                w.writerows(
+                    {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+                )
+        print(f"wrote {out}")
+        return 0
     for name in args.datasets:
         run_dataset(name, args, args.out)
     print(f"wrote {args.out}")

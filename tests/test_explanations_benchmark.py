@@ -1,0 +1,53 @@
+"""benchmarks/explanations.py: evaluation explainers exclude the trained one; the summary of arms and references."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import explanations as bench  # noqa: E402
+
+
+def test_the_trained_explainer_never_scores_agreement():
+    assert bench.evaluation_explainers("grad_x_input") == ["ig", "lrp"]
+    assert bench.evaluation_explainers("ig") == ["lrp"]
+
+
+def _write(path, columns, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in columns})
+
+
+def test_summary_renders_arms_and_reference_means(tmp_path):
+    main = tmp_path / "kd.csv"
+    rows = []
+    for seed, (acc_plain, acc_kd) in enumerate([(0.80, 0.82), (0.84, 0.83)]):
+        for arm, acc in (("plain", acc_plain), ("distill", acc_kd), ("explain", acc_kd)):
+            rows.append({
+                "dataset": "d", "method": "lrp", "macs_removed": 0.5, "seed": seed, "finetune": arm,
+                "explainer_eval": "lrp", "spearman": 0.9, "iou10": 0.6, "deletion_auc_base": 0.5,
+                "deletion_auc_pruned": 0.4, "acc": acc, "acc_diff_vs_plain": "" if arm == "plain" else acc - acc_plain,
+                "macs_target": "0.5000", "weight": 1.0 if arm == "explain" else 0.0, "val_spearman_ig": 0.5,
+            })  # fmt: skip
+    _write(main, bench.COLUMNS, rows)
+    ref = tmp_path / "ref.csv"
+    _write(ref, bench.REFERENCE_COLUMNS, [
+        {"dataset": "d", "seed": s, "comparison": "finetune_unpruned", "explainer": "ig", "spearman": sp,
+         "iou10": 0.3, "acc_a": 0.8, "acc_b": 0.82}
+        for s, sp in enumerate([0.5, 0.7])
+    ])  # fmt: skip
+    text = bench.summarize([main, ref], tmp_path / "out.md", ["cmd main", "cmd ref"])
+    # the distillation arm's mean ACC difference to plain: (0.02 - 0.01) / 2
+    assert "| d | 0.50 | distill | lrp | 2 | 0.900 | 0.600 | 0.500 -> 0.400 | 0.825 | 0.005 |" in text
+    # the reference file gets its own table: mean and per-seed Spearman
+    assert (
+        "| d | finetune_unpruned | ig | 2 | 0.600 (0.50, 0.70) | 0.300 (0.30, 0.30) | 0.800 -> 0.820 |"
+        in text
+    )
+    assert "cmd ref" in text
