@@ -428,6 +428,71 @@ def reference_table(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def plot_agreement(arm_rows: list[dict[str, str]], reference: list[dict[str, str]], out: Path) -> Path | None:
+    """One panel per dataset: mean Spearman (bars) and top-10 % IoU (dots) of the pruned arms at each MACs budget
+    beside the no-pruning references (dashed: the unpruned network after the same plain fine-tune), IG and LRP."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in arm_rows))
+    if not datasets:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ("plain", "distill", "explain") if any(r["finetune"] == a for r in arm_rows)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.8), sharey=True, squeeze=False)
+    mean = lambda rs, k: float(np.mean([float(r[k]) for r in rs])) if rs else float("nan")  # noqa: E731
+    for ax, d in zip(axes[0], datasets):
+        budgets = sorted({r["macs_target"] for r in arm_rows if r["dataset"] == d})
+        labels = []
+        for e_i, e in enumerate(EVAL_EXPLAINERS):
+            for b in budgets:
+                labels.append(f"{e} {float(b):.0%}")
+                x0 = len(labels) - 1
+                for a_i, a in enumerate(arms):
+                    sel = [
+                        r
+                        for r in arm_rows
+                        if (r["dataset"], r["macs_target"], r["finetune"], r["explainer_eval"])
+                        == (d, b, a, e)
+                    ]
+                    x = x0 + (a_i - (len(arms) - 1) / 2) * 0.25
+                    ax.bar(
+                        x,
+                        mean(sel, "spearman"),
+                        0.24,
+                        color=f"C{a_i}",
+                        label=a if (e_i, b) == (0, budgets[0]) else None,
+                    )
+                    ax.plot(x, mean(sel, "iou10"), "k.", ms=5)
+            ref = [
+                r
+                for r in reference
+                if (r["dataset"], r["comparison"], r["explainer"]) == (d, "finetune_unpruned", e)
+            ]
+            if ref:
+                xs = (len(labels) - len(budgets) - 0.4, len(labels) - 0.6)
+                ax.plot(
+                    xs,
+                    [mean(ref, "spearman")] * 2,
+                    "k--",
+                    lw=1,
+                    label="unpruned + same fine-tune" if e_i == 0 else None,
+                )
+                ax.plot(xs, [mean(ref, "iou10")] * 2, "k:", lw=1)
+        ax.axhline(0.9, color="r", lw=0.6)
+        ax.axhline(0.7, color="r", lw=0.6, ls=":")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(d)
+    axes[0][0].set_ylabel("Spearman (bars) / top-10 % IoU (dots)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="upper right", ncol=4)
+    fig.suptitle("pruned vs unpruned maps, mean over seeds (red: the goals 0.9 / 0.7)", fontsize=9, x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 VERDICT_MARK = "<!-- verdict: kept when the tables are regenerated -->"
 GOALS = "Spearman >= 0.9, top-10 % IoU >= 0.7, deletion AUC no worse than the unpruned model's, ACC within 0.5 pt of plain"
 
@@ -508,6 +573,11 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
                     f"| {d} | {_f(m, 2)} | {ft} | {e} | {len(g)} | {_f(mean('spearman'))} | {_f(mean('iou10'))} | "
                     f"{_f(mean('deletion_auc_base'))} -> {_f(mean('deletion_auc_pruned'))} | {_f(mean('acc'))} | {diff} |"
                 )
+    arm_rows = [r for c in csv_paths if c.name == "explanations_kd.csv" for r in read_rows(c)]
+    ref_rows = [r for c in csv_paths for r in read_rows(c) if "comparison" in r]
+    png = plot_agreement(arm_rows, ref_rows, md_path.with_name("explanations_agreement.png"))
+    if png is not None:
+        lines += ["", f"Plot of `explanations_kd.csv` beside the references: `{png.name}`."]
     if goal_rows:
         lines += [
             "",
