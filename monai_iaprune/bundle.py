@@ -47,11 +47,12 @@ def check_explain_settings(
     min_agreement: float | None = None,
     stages: int = 1,
     agreement_ratios: Sequence[float] | None = None,
+    explain_feature_weight: float = 0.0,
 ) -> None:
     """Raise ValueError (naming the setting) for bad explanation-consistency or explanation-budget settings.
 
     ``explain_weight`` >= 0 (0: off); ``explain_explainer`` a differentiable explainer; ``explain_distill_weight``
-    >= 0; the report's ``explain_method`` must differ from the training explainer when the term is on (agreement
+    >= 0; ``explain_feature_weight`` (kept-channel feature distillation) >= 0; the report's ``explain_method`` must differ from the training explainer when the term is on (agreement
     measured with the explainer the student was fitted to would be optimistic); ``min_agreement`` null or in
     (0, 1], with ``stages`` 1 (the agreement is measured for one-shot pruning); ``agreement_ratios`` null or
     numbers strictly between 0 and 1.
@@ -68,6 +69,10 @@ def check_explain_settings(
         )
     if _number(explain_distill_weight, "explain_distill_weight") < 0:
         raise ValueError(f"bad explain_distill_weight {explain_distill_weight!r}: need a number >= 0")
+    if _number(explain_feature_weight, "explain_feature_weight") < 0:
+        raise ValueError(
+            f"bad explain_feature_weight {explain_feature_weight!r}: need a number >= 0 (0: off)"
+        )
     if explain_method not in input_map_methods():
         raise ValueError(f"bad explain_method {explain_method!r}: use one of {input_map_methods()}")
     if weight > 0 and explain_explainer == explain_method:

@@ -211,6 +211,7 @@ OVERLAY_RANGES: dict[str, tuple[bool, float | None, float | None, bool, bool, bo
     "depth_ratio": (False, 0.0, 1.0, False, True, False),
     "explain_weight": (False, 0.0, None, False, False, False),
     "explain_distill_weight": (False, 0.0, None, False, False, False),
+    "explain_feature_weight": (False, 0.0, None, False, False, False),
     "min_agreement": (False, 0.0, 1.0, True, False, True),
 }
 
@@ -374,11 +375,13 @@ def consistency_handler(
     explainer: str = "grad_x_input",
     distill_weight: float = 0.0,
     explainer_kwargs: Mapping[str, Any] | None = None,
+    feature_weight: float = 0.0,
 ) -> ExplanationConsistencyHandler | None:
-    """The overlay's ``explain_weight`` as a handler: None when 0 (off), else an ``ExplanationConsistencyHandler``
-    adding the term from epoch 1, the first epoch after the overlay's first stage (which prunes at epoch 0);
-    ``prune_host_bundle`` gives it the unpruned network as teacher before the trainer runs."""
-    if not float(weight) > 0:
+    """The overlay's ``explain_weight`` / ``explain_feature_weight`` as a handler: None when both are 0 (off), else
+    an ``ExplanationConsistencyHandler`` adding the terms from epoch 1, the first epoch after the overlay's first
+    stage (which prunes at epoch 0); ``prune_host_bundle`` gives it the unpruned network as teacher before the
+    trainer runs."""
+    if not float(weight) > 0 and not float(feature_weight) > 0:
         return None
     return ExplanationConsistencyHandler(
         float(weight),
@@ -386,6 +389,7 @@ def consistency_handler(
         start_epoch=1,
         distill_weight=float(distill_weight),
         explainer_kwargs=dict(explainer_kwargs or {}),
+        feature_weight=float(feature_weight),
     )
 
 
@@ -713,17 +717,22 @@ def _prune_in_transaction(
         consistency.set_teacher(network)  # the trained, unpruned network (the first stage prunes at STARTED)
         consistency.attach(trainer)
         per_epoch: list[float] = []
+        per_epoch_features: list[float] = []
         report_handler.settings.update(
             explain_weight=consistency.weight,
             explain_explainer=consistency.loss.explainer,
             explain_distill_weight=consistency.loss.distill_weight,
+            explain_feature_weight=consistency.feature_weight,
             explanation_consistency_per_epoch=per_epoch,
+            feature_distillation_per_epoch=per_epoch_features,
         )
 
         # attached before the report handler, which writes the report at the last epoch's end
         def record_term(engine: Any) -> None:
             if "explanation_consistency" in engine.state.metrics:
                 per_epoch.append(float(engine.state.metrics["explanation_consistency"]))
+            if "feature_distillation" in engine.state.metrics:
+                per_epoch_features.append(float(engine.state.metrics["feature_distillation"]))
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, record_term)
     pause.attach(trainer)

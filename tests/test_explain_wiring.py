@@ -8,6 +8,7 @@ the ratio chosen by agreement or refused before training, bad values refused nam
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +48,8 @@ def _report(bundle: Path) -> dict:
         ({"explain_weight": "0.5"}, r"bad explain_weight '0.5'"),
         ({"explain_explainer": "lrp"}, r"bad explain_explainer 'lrp'"),
         ({"explain_distill_weight": -0.1}, r"bad explain_distill_weight"),
+        ({"explain_feature_weight": -1.0}, r"bad explain_feature_weight -1"),
+        ({"explain_feature_weight": "1"}, r"bad explain_feature_weight '1'"),
         ({"explain_weight": 1.0, "explain_explainer": "ig", "explain_method": "ig"}, r"both 'ig'"),
         ({"min_agreement": 0}, r"bad min_agreement 0"),
         ({"min_agreement": 1.5}, r"bad min_agreement 1.5"),
@@ -143,3 +146,18 @@ def test_min_agreement_refuses_budgets_it_cannot_measure(tmp_path):
     b = _copy(tmp_path, "classification_2d")
     _expect_error(b, r"does not combine with depth_ratio=0.3", min_agreement=0.5, depth_ratio=0.3)
     _expect_error(b, r"does not combine with steps=2", min_agreement=0.5, steps=2)
+
+
+def test_segmentation_bundle_feature_distillation_alone(tmp_path):
+    """--explain_feature_weight without the map term: the UNet's kept channels (skip concatenations, transposed
+    convolutions) are mapped to the unpruned network's, the term is logged and reported per epoch."""
+    name = "segmentation_3d"
+    b = _copy(tmp_path, name)
+    proc = _prune(b, name, "--method", "taylor", "--explain_feature_weight", "1.0")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "feature distillation" in proc.stdout
+    report = _report(b)
+    assert report["explain_feature_weight"] == 1.0 and not report.get("explain_weight")
+    terms = report["feature_distillation_per_epoch"]
+    assert len(terms) == 1 and terms[0] > 0 and math.isfinite(terms[0])
+    assert "kept-channel feature distillation (weight 1.0)" in (b / "eval" / "prune_report.md").read_text()

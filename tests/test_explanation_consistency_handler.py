@@ -133,3 +133,63 @@ def test_bad_settings():
         ExplanationConsistencyHandler(1.0, teacher_epoch=3, start_epoch=2)
     with pytest.raises(TypeError, match="teacher"):
         ExplanationConsistencyHandler(1.0, teacher="net")
+
+
+def test_feature_term_with_pruning_mid_run_uses_the_kept_channel_map():
+    """The feature term maps the pruned student's channels to the unpruned teacher's through the pruning handler's
+    channel histories: the value it adds equals FeatureDistillationLoss with kept_channels replayed by hand."""
+    from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels
+
+    torch.manual_seed(0)
+    net = tiny_resnet()
+    data = loader()
+    pruning = RelevancePruningHandler(method="taylor", ratio=0.5, stages=1, prune_epochs=[1], data=data)
+    handler = ExplanationConsistencyHandler(0.0, teacher_epoch=1, start_epoch=2, feature_weight=2.0)
+    trainer = _trainer(net, [pruning, handler], epochs=2, data=data)
+    seen: list[dict] = []
+
+    @trainer.on(IterationEvents.FORWARD_COMPLETED)  # the student's train-mode forward of this iteration
+    def _replay(engine):
+        if engine.state.epoch == 2 and not seen:
+            replay = FeatureDistillationLoss(
+                copy.deepcopy(handler.teacher), kept_channels(handler.teacher, *pruning.channel_histories)
+            )
+            student = copy.deepcopy(engine.network)
+            for m in student.modules():  # the copy would also carry the handler's hooks
+                m._forward_hooks.clear()
+            replay.attach(student)
+            student.train()
+            x = engine.state.output[Keys.IMAGE]
+            with torch.random.fork_rng():
+                student(x)
+            seen.append({"expected": float(replay(x).detach())})
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _record(engine):
+        if "feature_distillation" in engine.state.output and len(seen) == 1 and "term" not in seen[0]:
+            seen[0]["term"] = engine.state.output["feature_distillation"]
+
+    trainer.run()
+    assert len(pruning.channel_histories) == 1 and pruning.channel_histories[0]
+    assert trainer.state.pruning_channel_histories is pruning.channel_histories
+    assert "explanation_consistency" not in seen[0]  # weight 0: no map term
+    assert seen[0]["term"] > 0
+    assert seen[0]["term"] == pytest.approx(seen[0]["expected"], rel=1e-4)
+    assert math.isfinite(trainer.state.metrics["feature_distillation"])
+    # the channel histories survive a checkpoint round trip (resume rebuilds the same map)
+    state = pruning.state_dict()
+    other = RelevancePruningHandler(method="taylor", ratio=0.5, stages=1, prune_epochs=[1], data=data)
+    other.load_state_dict(state)
+    assert [[list(r) for r in h] for h in other.channel_histories] == [
+        [list(r) for r in h] for h in pruning.channel_histories
+    ]
+
+
+def test_feature_weight_settings():
+    with pytest.raises(ValueError, match="feature_weight"):
+        ExplanationConsistencyHandler(1.0, feature_weight=-1.0)
+    with pytest.raises(ValueError, match="feature_weight"):
+        ExplanationConsistencyHandler(1.0, feature_weight=float("nan"))
+    with pytest.raises(ValueError, match="or 0 with feature_weight > 0"):
+        ExplanationConsistencyHandler(0.0, feature_weight=0.0)
+    assert ExplanationConsistencyHandler(0.0, feature_weight=1.0).feature_weight == 1.0

@@ -180,6 +180,7 @@ def _overlay_parser(**overrides):
      ("relevance_batches", 0, ">= 1 or null"), ("latency_repeats", 0, ">= 1"), ("max_patches", 0, ">= 1 or null"),
      ("min_blocks_per_stage", -1, ">= 0"), ("speedup", 1.0, "> 1 or null"), ("finetune_lr", 0, "> 0 or null"),
      ("depth_ratio", 1.0, "[0, 1)"), ("explain_weight", -1, ">= 0"), ("explain_distill_weight", -0.5, ">= 0"),
+     ("explain_feature_weight", -2, ">= 0"),
      ("min_agreement", 0, "(0, 1] or null"), ("stages", 1.5, ">= 1"), ("finetune_lr", "fast", "> 0")],
 )  # fmt: skip
 def test_overlay_numeric_settings_are_range_checked(name, value, accepted):

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss
+from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -44,8 +45,16 @@ class ExplanationConsistencyHandler:
     epoch ``start_epoch`` on (default ``teacher_epoch``); set it to the epoch after the first pruning stage to
     spend no time while student and teacher are still the same network.
 
+    With ``feature_weight > 0`` it also adds ``feature_weight * FeatureDistillationLoss`` (kept-channel feature
+    distillation, ``pruning.feature_distillation``): every kept channel's output on the training forward is pulled
+    to the teacher's output of the same channel. The channel map comes from the pruning handler's
+    ``engine.state.pruning_channel_histories`` (refreshed after each stage; identity before the first); the
+    unweighted term is stored as ``engine.state.output["feature_distillation"]`` and its epoch mean in
+    ``engine.state.metrics["feature_distillation"]``. In ``benchmarks/explanations.py`` it (with logit
+    distillation) kept LRP agreement far better than the map term. ``weight`` may then be 0 (no map term).
+
     Args:
-        weight: weight of the term in the loss (> 0).
+        weight: weight of the map term in the loss (> 0; or 0 when ``feature_weight`` > 0).
         explainer: differentiable explainer the student is fitted with: ``"grad_x_input"`` (default) or ``"ig"``
             (few steps, ``explainer_kwargs={"n_steps": 4}``). Evaluate agreement with another one (captum IG,
             LRP: ``report.explanations``), since the student is trained to match this one.
@@ -59,6 +68,7 @@ class ExplanationConsistencyHandler:
             ``Keys.PRED``.
         temperature: distillation temperature.
         explainer_kwargs: passed to the explainer (``n_steps``, ``baseline``).
+        feature_weight: weight of the kept-channel feature distillation term (0: off).
         name: logger name; default the engine's logger.
 
     Note:
@@ -81,10 +91,20 @@ class ExplanationConsistencyHandler:
         distill_weight: float = 0.0,
         temperature: float = 1.0,
         explainer_kwargs: dict | None = None,
+        feature_weight: float = 0.0,
         name: str | None = None,
     ) -> None:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not float(weight) > 0:
+        if (
+            isinstance(feature_weight, bool)
+            or not isinstance(feature_weight, (int, float))
+            or not float(feature_weight) >= 0
+            or feature_weight == float("inf")
+        ):
+            raise ValueError(f"feature_weight must be a finite number >= 0, got {feature_weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not float(weight) >= 0:
             raise ValueError(f"weight must be a number > 0, got {weight!r}")
+        if not float(weight) > 0 and not float(feature_weight) > 0:
+            raise ValueError(f"weight must be a number > 0 (or 0 with feature_weight > 0), got {weight!r}")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
         if isinstance(teacher_epoch, bool) or not isinstance(teacher_epoch, int) or teacher_epoch < 1:
@@ -110,9 +130,13 @@ class ExplanationConsistencyHandler:
             explainer_kwargs=explainer_kwargs,
         )
         self.teacher = teacher
+        self.feature_weight = float(feature_weight)
+        self.features: FeatureDistillationLoss | None = None
+        self._features_key: tuple | None = None
         self.logger = logging.getLogger(name)
         self._name = name
         self._sum, self._count = 0.0, 0
+        self._fsum = 0.0
 
     def attach(self, engine: Engine) -> None:
         """
@@ -124,6 +148,8 @@ class ExplanationConsistencyHandler:
         if engine.has_event_handler(self, IterationEvents.LOSS_COMPLETED):
             return
         engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        if self.feature_weight > 0:
+            engine.add_event_handler(Events.ITERATION_STARTED, self.hook_features)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
@@ -138,10 +164,30 @@ class ExplanationConsistencyHandler:
         teacher = copy.deepcopy(network).eval()
         teacher.requires_grad_(False)
         self.teacher = self.loss.teacher = teacher
+        if self.features is not None:
+            self.features.detach()
+        self.features, self._features_key = None, None
+
+    def hook_features(self, engine: Engine) -> None:
+        """Before the training forward: hook the student's layers for the feature term, with the channel map of the
+        pruning stages done so far (rebuilt when a stage pruned or the network object changed)."""
+        if engine.state.epoch < self.start_epoch or self.teacher is None:
+            return
+        student = engine.network
+        if isinstance(student, (DataParallel, DistributedDataParallel)):
+            student = student.module
+        histories = list(getattr(engine.state, "pruning_channel_histories", None) or [])
+        key = (id(student), len(histories), sum(len(h) for h in histories))
+        if key != self._features_key:
+            if self.features is None:
+                self.features = FeatureDistillationLoss(self.teacher)
+            self.features.kept = kept_channels(self.teacher, *histories)
+            self.features.attach(student)
+            self._features_key = key
 
     def epoch_started(self, engine: Engine) -> None:
         """Take the teacher copy at ``teacher_epoch`` and reset the epoch's running mean."""
-        self._sum, self._count = 0.0, 0
+        self._sum, self._count, self._fsum = 0.0, 0, 0.0
         if self.teacher is None and engine.state.epoch == self.teacher_epoch:
             self.set_teacher(engine.network)
             self.logger.info(
@@ -149,11 +195,16 @@ class ExplanationConsistencyHandler:
             )
 
     def epoch_completed(self, engine: Engine) -> None:
-        """Log the epoch's mean consistency term (only in epochs where it was added)."""
+        """Log the epoch's mean terms (only in epochs where they were added)."""
         if self._count:
             self.logger.info(
                 f"explanation consistency: epoch {engine.state.epoch} mean term {self._sum / self._count:.4f} "
                 f"(weight {self.weight:g}, {self.loss.explainer}, {self._count} iterations)"
+                + (
+                    f", feature distillation {self._fsum / self._count:.4f} (weight {self.feature_weight:g})"
+                    if self.feature_weight > 0
+                    else ""
+                )
             )
 
     def __call__(self, engine: Engine) -> None:
@@ -174,9 +225,22 @@ class ExplanationConsistencyHandler:
             # trainer's one backward, where DDP's reducer all-reduces their sum (a second DDP forward would not)
             student = student.module
         out = engine.state.output
-        term = self.loss(student, out[Keys.IMAGE], out[Keys.LABEL], student_output=out.get(Keys.PRED))
-        out[Keys.LOSS] = out[Keys.LOSS] + self.weight * term
-        value = float(term.detach())
-        out["explanation_consistency"] = value
+        value = 0.0
+        if self.weight > 0:
+            term = self.loss(student, out[Keys.IMAGE], out[Keys.LABEL], student_output=out.get(Keys.PRED))
+            out[Keys.LOSS] = out[Keys.LOSS] + self.weight * term
+            value = float(term.detach())
+            out["explanation_consistency"] = value
+        if self.feature_weight > 0:
+            if self.features is None:  # attached after this iteration started: from the next one on
+                self.hook_features(engine)
+            else:
+                image = out[Keys.IMAGE]
+                fterm = self.features(image)
+                out[Keys.LOSS] = out[Keys.LOSS] + self.feature_weight * fterm
+                out["feature_distillation"] = float(fterm.detach())
+                self._fsum += out["feature_distillation"]
         self._sum, self._count = self._sum + value, self._count + 1
         engine.state.metrics["explanation_consistency"] = self._sum / self._count
+        if self.feature_weight > 0:
+            engine.state.metrics["feature_distillation"] = self._fsum / self._count

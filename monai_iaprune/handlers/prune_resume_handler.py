@@ -203,6 +203,7 @@ class PruneResumeHandler:
             scheduler.load_state_dict(scheduler_state)
         self._set_rng_state(engine, state["rng"])
         engine.state.pruning = self.pruning_handler.history
+        engine.state.pruning_channel_histories = self.pruning_handler.channel_histories
         self.logger.info(
             f"resumed from {self.path}: epoch {state['epoch']}, {len(self.pruning_handler.history)} stage(s) done"
         )

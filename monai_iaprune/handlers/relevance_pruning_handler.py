@@ -125,6 +125,9 @@ class RelevancePruningHandler:
     speed-up), params / MACs before and after, the removed fractions of the original (``params_removed``,
     ``macs_removed``), the latency measured before and after when ``prune_target="latency"``, one entry per
     sub-step in ``steps_detail``, and for depth pruning the removed blocks (``depth``, ``removed_blocks``).
+    The channel indices each width sub-step removed (``PruneResult.history``, in order) are kept apart in
+    ``channel_histories`` (also ``engine.state.pruning_channel_histories`` and the ``state_dict``): with them
+    ``pruning.feature_distillation.kept_channels`` maps every kept channel to the unpruned network's.
 
     Note:
         The evaluator is expected to share the trainer's network object (as MONAI bundles do); it is pruned in
@@ -301,6 +304,7 @@ class RelevancePruningHandler:
         self._name = name
         self.engine: Engine | None = None
         self.history: list[dict[str, Any]] = []
+        self.channel_histories: list[list[tuple[str, str, list[int]]]] = []
         self.params_original: int | None = None
         self.last_relevance: ChannelRelevance | None = None
 
@@ -402,6 +406,7 @@ class RelevancePruningHandler:
             t0 = time.perf_counter()
             results.append(self._width_step(engine, network, relevance, device))
             prune_time += time.perf_counter() - t0
+            self.channel_histories.append([(n, k, list(i)) for n, k, i in results[-1].history])
         result = results[-1]
 
         metric = None
@@ -421,6 +426,7 @@ class RelevancePruningHandler:
         engine.state.metrics["params_removed"] = record["params_removed"]
         engine.state.metrics["macs_removed"] = record["macs_removed"]
         engine.state.pruning = self.history
+        engine.state.pruning_channel_histories = self.channel_histories
         self.logger.info(
             f"pruning stage {stage}/{self.stages} at {'epoch' if self.epoch_level else 'iteration'} {step} "
             f"({relevance.method}, {self.prune_target} budget, {self.steps} step(s)"
@@ -611,6 +617,7 @@ class RelevancePruningHandler:
         network = unwrap_network(self.engine.network) if self.engine is not None else None
         return {
             "history": list(self.history),
+            "channel_histories": [list(h) for h in self.channel_histories],
             "params_original": self.params_original,
             "macs_original": self.macs_original,
             "pruned_structure": pruned_structure(network) if network is not None else None,
@@ -623,9 +630,14 @@ class RelevancePruningHandler:
         (e.g. ``CheckpointLoader(load_dict={"pruning": handler, "network": net, "optimizer": opt})``).
         """
         self.history = list(state_dict.get("history", []))
+        self.channel_histories = [
+            [(str(n), str(k), [int(i) for i in idx]) for n, k, idx in h]
+            for h in state_dict.get("channel_histories", [])
+        ]
         self.params_original = state_dict.get("params_original")
         self.macs_original = state_dict.get("macs_original")
         structure = state_dict.get("pruned_structure")
         if structure is not None and self.engine is not None:
             apply_pruned_structure(unwrap_network(self.engine.network), structure)
             self.engine.state.pruning = self.history
+            self.engine.state.pruning_channel_histories = self.channel_histories

@@ -7,6 +7,7 @@ from monai_iaprune.pruning.cost import ChannelCost, channel_costs
 from monai_iaprune.pruning.depth import DepthPruneResult, prune_depth, removed_block_names
 from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss, map_distance
 from monai_iaprune.pruning.export import export_onnx, export_torch_export
+from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels
 from monai_iaprune.pruning.importance import CostAwareImportance, RelevanceImportance
 from monai_iaprune.pruning.iterative import prune_iteratively, prune_step
 from monai_iaprune.pruning.latency_table import (
@@ -47,6 +48,8 @@ __all__ = [
     "prune_iteratively",
     "prune_step",
     "ExplanationConsistencyLoss",
+    "FeatureDistillationLoss",
+    "kept_channels",
     "OneDNNConv",
     "OneDNNPool",
     "PruneResult",

@@ -323,6 +323,14 @@ def _explanation_lines(r: Mapping[str, Any]) -> list[str]:
             + (", ".join(per_epoch) or "n/a")
             + ".",
         ]
+    if r.get("explain_feature_weight"):
+        lines += [
+            "",
+            f"Fine-tuned with kept-channel feature distillation (weight {r['explain_feature_weight']}): every kept "
+            "channel's output pulled to the unpruned network's output of the same channel; mean term per epoch: "
+            + (", ".join(_fmt(v, 3) for v in r.get("feature_distillation_per_epoch") or []) or "n/a")
+            + ".",
+        ]
     return lines
 
 
