@@ -96,6 +96,7 @@ from monai_iaprune.pruning import (  # noqa: E402
     prune_step,
     save_pruned,
 )
+from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels  # noqa: E402
 from monai_iaprune.pruning.latency_table import LayerLatency  # noqa: E402
 from monai_iaprune.relevance import METHODS  # noqa: E402
 
@@ -230,10 +231,47 @@ class ClassificationTask:
         calib = torch.randperm(len(xtr), generator=g)[:n]
         return list(batches(xtr[calib], ytr[calib], 32))
 
-    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int) -> dict:
+    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int, extra_loss=None) -> dict:
         return train(
-            model, data["train"], data["val"], epochs, self.cfg["batch"], seed=seed, include_start=True
-        )
+            model, data["train"], data["val"], epochs, self.cfg["batch"], seed=seed, include_start=True,
+            extra_loss=extra_loss,
+        )  # fmt: skip
+
+
+def finetune_with_features(
+    task: Any,
+    pruned: nn.Module,
+    unpruned: nn.Module,
+    histories: list,
+    data: dict,
+    epochs: int,
+    seed: int,
+    weights: Sequence[float],
+) -> tuple[nn.Module, float]:
+    """The recovery fine-tune with kept-channel feature distillation from the unpruned network
+    (``pruning.feature_distillation``) at each of ``weights``, from the same pruned weights and seed; returns the
+    model of the weight whose best epoch scores highest on VALIDATION (the task's score: ACC then AUC, or Dice)
+    and that weight. The test split is not looked at."""
+    kept = kept_channels(unpruned, *histories)
+    best: tuple[tuple, nn.Module, float] | None = None
+    for w in weights:
+        m = copy.deepcopy(pruned)
+        loss = FeatureDistillationLoss(copy.deepcopy(unpruned).eval(), kept)
+        loss.attach(m)
+
+        def term(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor, w=w, loss=loss):
+            return w * loss(xb) if model.training else logits.new_zeros(())
+
+        try:
+            info = task.finetune(m, data, epochs, seed, extra_loss=term)
+        finally:
+            loss.detach()
+        score = (info["val_acc"], info.get("val_auc", float("nan")))
+        score = tuple(-1.0 if math.isnan(v) else v for v in score)
+        if best is None or score > best[0]:
+            best = (score, m, w)
+    assert best is not None
+    return best[1], best[2]
 
 
 TASKS: dict[str, Any] = {
@@ -340,6 +378,7 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
             else:
                 budgets += [("latency", s) for s in args.speedups]
         ft_epochs = args.ft_epochs if args.ft_epochs is not None else task.ft_epochs
+        columns = COLUMNS + ["ft_feature_weight"] if args.ft_feature else COLUMNS
         for seed in args.seeds:
             todo = [
                 (meth, sch, kind, b)
@@ -413,7 +452,13 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 acc_pr, auc_pr = task.metrics(data["test"][1], p_pr)
                 vacc_pr, vauc_pr = task.metrics(data["val"][1], pv_pr)
                 t = time.perf_counter()
-                task.finetune(m, data, ft_epochs, seed)
+                feature_weight = ""
+                if args.ft_feature:
+                    m, feature_weight = finetune_with_features(
+                        task, m, model, [r.history for r in res], data, ft_epochs, seed, args.ft_feature
+                    )
+                else:
+                    task.finetune(m, data, ft_epochs, seed)
                 t_ft = time.perf_counter() - t
                 p_ft, pv_ft = task.predict(m, data["test"][0]), task.predict(m, data["val"][0])
                 acc_ft, auc_ft = task.metrics(data["test"][1], p_ft)
@@ -442,7 +487,9 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                     "base_epochs": info.get("epochs", ""), "normalizer": "auto",
                     "model_file": str(mfile.relative_to(args.cache)),
                 }  # fmt: skip
-                append_row(csv_path, row)
+                if args.ft_feature:
+                    row["ft_feature_weight"] = feature_weight
+                append_row(csv_path, row, columns)
                 done.add(row_key(row))
                 print(
                     f"[row] {name} {meth:9s} {sch:9s} {kind} {b:.2f} s{seed}: MACs removed {row['macs_removed']:.3f} "
@@ -1024,6 +1071,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=None, help="override the base training epochs (smoke tests)")
     p.add_argument("--ft-epochs", type=int, default=None, help="override the dataset's fine-tune epochs")
+    p.add_argument("--ft-feature", nargs="+", type=float, default=None, metavar="W",
+                   help="fine-tune with kept-channel feature distillation from the unpruned network at each weight "
+                   "W, keeping the best on validation (column ft_feature_weight); use another --out: the rows "
+                   "are not those of the plain fine-tune")  # fmt: skip
     p.add_argument("--calib", type=int, default=None,
                    help="calibration images for relevance and BatchNorm (default 256; membrane: 16 random 128^2 crops)")  # fmt: skip
     p.add_argument(

@@ -52,6 +52,7 @@ from run import DATASETS, batches, load_split, make_model, metrics, model_name, 
 
 from monai_iaprune import channel_relevance, prune, recalibrate_batchnorm  # noqa: E402
 from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss  # noqa: E402
+from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels  # noqa: E402
 from monai_iaprune.pruning.prune import count_macs  # noqa: E402
 from monai_iaprune.report.explanations import (  # noqa: E402
     agreement_from_maps,
@@ -88,19 +89,34 @@ def finetune(
     weight: float = 0.0,
     teacher: nn.Module | None = None,
     kd_alpha: float = 0.0,
+    feature: FeatureDistillationLoss | None = None,
+    feature_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term and
-    optional logit distillation from ``teacher`` (``kd_alpha``, temperature 4: ``run.train``'s)."""
+    """``run.train``'s fine-tune recipe (``include_start=True``) with an optional ``weight * consistency`` term,
+    optional logit distillation from ``teacher`` (``kd_alpha``, temperature 4: ``run.train``'s) and an optional
+    ``feature_weight * feature`` term (kept-channel feature distillation, on the training forward's outputs)."""
     terms: list[float] = []
+    use = consistency is not None and weight > 0
+    use_feature = feature is not None and feature_weight > 0
 
     def term(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        t = consistency(m, xb, yb, student_output=logits)
-        terms.append(float(t.detach()))
-        return weight * t
+        total = logits.new_zeros(())
+        if use_feature and m.training:  # the evaluation passes between epochs leave no term
+            total = total + feature_weight * feature(xb)
+        if use:
+            t = consistency(m, xb, yb, student_output=logits)
+            terms.append(float(t.detach()))
+            total = total + weight * t
+        return total
 
-    use = consistency is not None and weight > 0
-    info = train(model, train_xy, val_xy, epochs, batch, seed, lr=lr, include_start=True,
-                 extra_loss=term if use else None, teacher=teacher, kd_alpha=kd_alpha)  # fmt: skip
+    if use_feature:
+        feature.attach(model)
+    try:
+        info = train(model, train_xy, val_xy, epochs, batch, seed, lr=lr, include_start=True,
+                     extra_loss=term if use or use_feature else None, teacher=teacher, kd_alpha=kd_alpha)  # fmt: skip
+    finally:
+        if use_feature:
+            feature.detach()
     model.eval()
     return {
         "best_epoch": info["best_epoch"],
@@ -156,6 +172,15 @@ def evaluation_explainers(train_explainer: str) -> list[str]:
     return [e for e in EVAL_EXPLAINERS if e != train_explainer]
 
 
+def pick_on_validation(
+    candidates: list[tuple[nn.Module, dict[str, Any]]], plain_val_acc: float, tol: float
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The candidate (one per weight) with the largest validation IG agreement among those whose validation ACC is
+    not below the plain arm's minus ``tol``; when none is, the best validation ACC. The test set is not looked at."""
+    ok = [c for c in candidates if c[1]["val_acc"] >= plain_val_acc - tol]
+    return max(ok or candidates, key=lambda c: c[1]["val_spearman_ig"] if ok else c[1]["val_acc"])
+
+
 def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
     cfg = DATASETS[name]
     path = run.DATA_DIR / cfg["file"]
@@ -167,7 +192,12 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
     xtr, ytr = data["train"]
     eval_explainers = evaluation_explainers(args.train_explainer)
     kd = f"+kd{args.explain_kd:g}" if args.explain_kd > 0 else ""
-    train_label = {"plain": "", "distill": kd.lstrip("+"), "explain": args.train_explainer + kd}
+    train_label = {
+        "plain": "",
+        "distill": kd.lstrip("+"),
+        "explain": args.train_explainer + kd,
+        "feature": "features" + kd,
+    }
     for seed in args.seeds:  # each seed prunes its own base model (run.base_model: trained with that seed)
         todo = [r for r in args.ratios if (name, f"{r:.4f}", str(seed)) not in done]
         if not todo:
@@ -200,7 +230,7 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
             cal_batches = list(batches(xtr[calib], ytr[calib], 32))
             pruned = copy.deepcopy(model)
             rel = channel_relevance(pruned, cal_batches, "lrp", progress=False)
-            prune(pruned, rel, ratio, target="macs", example_inputs=x1)
+            kept = kept_channels(model, prune(pruned, rel, ratio, target="macs", example_inputs=x1).history)
             recalibrate_batchnorm(pruned, cal_batches)
             pruned.eval()
             macs_removed = 1.0 - count_macs(pruned, x1) / macs_base
@@ -234,7 +264,7 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                     flush=True,
                 )
             candidates = []
-            for w in args.weights:
+            for w in args.weights:  # none: no explain arm
                 m = copy.deepcopy(pruned)
                 loss = ExplanationConsistencyLoss(
                     copy.deepcopy(model).eval(),
@@ -263,10 +293,28 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                     flush=True,
                 )
                 candidates.append((m, ftw))
-            ok = [c for c in candidates if c[1]["val_acc"] >= ft["val_acc"] - args.val_acc_tol]
-            pick = max(ok or candidates, key=lambda c: c[1]["val_spearman_ig"] if ok else c[1]["val_acc"])
-            arms["explain"] = pick
-            print(f"  [explain] chose weight {pick[1]['weight']} on validation", flush=True)
+            if candidates:
+                arms["explain"] = pick_on_validation(candidates, ft["val_acc"], args.val_acc_tol)
+                print(f"  [explain] chose weight {arms['explain'][1]['weight']} on validation", flush=True)
+            candidates = []
+            for w in (
+                args.feature_weights
+            ):  # kept-channel feature distillation (+ logit distillation with --explain_kd)
+                m = copy.deepcopy(pruned)
+                feature = FeatureDistillationLoss(copy.deepcopy(model).eval(), kept)
+                ftw = finetune(m, data["train"], data["val"], ft_epochs, cfg["batch"], seed, teacher=teacher,
+                               kd_alpha=args.explain_kd, feature=feature, feature_weight=w)  # fmt: skip
+                ftw["val_spearman_ig"] = val_agreement(m)
+                ftw["weight"] = w
+                print(
+                    f"  [feature w={w}] val ACC {ftw['val_acc']:.4f} val IG Spearman {ftw['val_spearman_ig']:.4f} "
+                    f"term {feature.last:.4f}",
+                    flush=True,
+                )
+                candidates.append((m, ftw))
+            if candidates:
+                arms["feature"] = pick_on_validation(candidates, ft["val_acc"], args.val_acc_tol)
+                print(f"  [feature] chose weight {arms['feature'][1]['weight']} on validation", flush=True)
 
             preds = {arm: predict(m, xt) for arm, (m, _) in arms.items()}
             correct = {arm: ((p >= 0.5).astype(np.int64) == yt_np).astype(float) for arm, p in preds.items()}
@@ -439,7 +487,9 @@ def plot_agreement(arm_rows: list[dict[str, str]], reference: list[dict[str, str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [a for a in ("plain", "distill", "explain") if any(r["finetune"] == a for r in arm_rows)]
+    arms = [
+        a for a in ("plain", "distill", "explain", "feature") if any(r["finetune"] == a for r in arm_rows)
+    ]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.8), sharey=True, squeeze=False)
     mean = lambda rs, k: float(np.mean([float(r[k]) for r in rs])) if rs else float("nan")  # noqa: E731
     for ax, d in zip(axes[0], datasets):
@@ -456,11 +506,12 @@ def plot_agreement(arm_rows: list[dict[str, str]], reference: list[dict[str, str
                         if (r["dataset"], r["macs_target"], r["finetune"], r["explainer_eval"])
                         == (d, b, a, e)
                     ]
-                    x = x0 + (a_i - (len(arms) - 1) / 2) * 0.25
+                    width = 0.8 / len(arms)
+                    x = x0 + (a_i - (len(arms) - 1) / 2) * width
                     ax.bar(
                         x,
                         mean(sel, "spearman"),
-                        0.24,
+                        0.96 * width,
                         color=f"C{a_i}",
                         label=a if (e_i, b) == (0, budgets[0]) else None,
                     )
@@ -494,6 +545,7 @@ def plot_agreement(arm_rows: list[dict[str, str]], reference: list[dict[str, str
 
 
 VERDICT_MARK = "<!-- verdict: kept when the tables are regenerated -->"
+PLOTTED = ("explanations_kd.csv", "explanations_feature.csv")
 GOALS = "Spearman >= 0.9, top-10 % IoU >= 0.7, deletion AUC no worse than the unpruned model's, ACC within 0.5 pt of plain"
 
 
@@ -550,7 +602,7 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
                 f"[{_f(r['deletion_auc_pruned_lo'])}, {_f(r['deletion_auc_pruned_hi'])}] | "
                 f"{_f(r['acc'])} [{_f(r['acc_lo'])}, {_f(r['acc_hi'])}] | {diff} | {_f(r['val_spearman_ig'])} |"
             )
-            if r["finetune"] == "explain":
+            if r["finetune"] in ("explain", "feature"):
                 goal_rows.append((csv_path.name, r))
         seeds = sorted({r["seed"] for r in rows})
         if len(seeds) > 1:  # each seed prunes its own base model: the mean over seeds, per setting
@@ -573,15 +625,25 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
                     f"| {d} | {_f(m, 2)} | {ft} | {e} | {len(g)} | {_f(mean('spearman'))} | {_f(mean('iou10'))} | "
                     f"{_f(mean('deletion_auc_base'))} -> {_f(mean('deletion_auc_pruned'))} | {_f(mean('acc'))} | {diff} |"
                 )
-    arm_rows = [r for c in csv_paths if c.name == "explanations_kd.csv" for r in read_rows(c)]
+    arm_rows = list(  # the plain / distill arms of a later file repeat the same runs: keep the first
+        {
+            (r["dataset"], r["seed"], r["macs_target"], r["finetune"], r["explainer_eval"]): r
+            for c in reversed(csv_paths)
+            if c.name in PLOTTED
+            for r in read_rows(c)
+        }.values()
+    )
     ref_rows = [r for c in csv_paths for r in read_rows(c) if "comparison" in r]
     png = plot_agreement(arm_rows, ref_rows, md_path.with_name("explanations_agreement.png"))
     if png is not None:
-        lines += ["", f"Plot of `explanations_kd.csv` beside the references: `{png.name}`."]
+        lines += [
+            "",
+            f"Plot of {' and '.join(f'`{n}`' for n in PLOTTED)} beside the references: `{png.name}`.",
+        ]
     if goal_rows:
         lines += [
             "",
-            "## Goal checks (explain rows)",
+            "## Goal checks (explain and feature rows)",
             "",
             "| file | dataset | seed | MACs removed | explainer | Spearman >= 0.9 | IoU >= 0.7 | deletion AUC no worse | ACC within 0.5 pt |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -615,7 +677,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7], help="fractions of MACs removed")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument(
-        "--weights", nargs="+", type=float, default=[0.3, 1.0, 3.0], help="consistency weights tried"
+        "--weights",
+        nargs="*",
+        type=float,
+        default=[0.3, 1.0, 3.0],
+        help="consistency weights tried (none: no explain arm)",
+    )
+    p.add_argument(
+        "--feature_weights",
+        nargs="*",
+        type=float,
+        default=[],
+        help="kept-channel feature distillation weights tried in a 'feature' arm (chosen on validation as the "
+        "explain arm's; with --explain_kd also logit distillation); none: no feature arm",
     )
     p.add_argument(
         "--val_acc_tol", type=float, default=0.01, help="validation ACC a weight may lose vs plain"

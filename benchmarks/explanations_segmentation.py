@@ -7,7 +7,9 @@ twice from the same trained model and seed:
 
 - ``plain``: the bundle's Dice-CE loss only;
 - ``explain``: the same plus ``explain_weight`` (each of ``--weights``) x the explanation-consistency term (gradient x input maps of
-  the foreground class over the mask, teacher = the unpruned network).
+  the foreground class over the mask, teacher = the unpruned network);
+- ``feature``: the same plus ``explain_feature_weight`` (each of ``--feature_weights``) x kept-channel feature
+  distillation from the unpruned network (``pruning.feature_distillation``), no map term.
 
 Agreement is what the bundle's prune report measures on the VALIDATION phantoms (held out from training): IG
 maps (an explainer the ``explain`` arm was not trained on) of the unpruned and the final network, median Spearman
@@ -41,7 +43,7 @@ CONFIGS = "['configs/train.json','configs/prune.json']"
 COLUMNS = [
     "dataset", "method", "macs_removed", "seed", "finetune", "explain_weight", "explainer_train", "explainer_eval",
     "spearman", "spearman_ci_lo", "spearman_ci_hi", "iou10", "iou10_ci_lo", "iou10_ci_hi",
-    "deletion_auc_base", "deletion_auc_pruned", "acc_base", "acc", "macs_ratio", "n_images",
+    "deletion_auc_base", "deletion_auc_pruned", "acc_base", "acc", "macs_ratio", "n_images", "feature_weight",
 ]  # fmt: skip
 
 
@@ -57,8 +59,9 @@ def _run(bundle: Path, args: list[str], log: Path) -> None:
 
 def _key(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(
-        str(row[k]) for k in ("dataset", "method", "macs_removed", "seed", "finetune", "explain_weight")
-    )
+        str(row.get(k) or "")
+        for k in ("dataset", "method", "macs_removed", "seed", "finetune", "explain_weight")
+    ) + (str(float(row.get("feature_weight") or 0)),)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -109,8 +112,9 @@ def run(args: argparse.Namespace) -> None:
         if not (work / "configs").is_dir():
             shutil.copytree(BUNDLE, work, ignore=shutil.ignore_patterns("models", "eval", "data"))
         for ratio in args.ratios:
-            for weight in [0.0, *args.weights]:
-                arm = "explain" if weight > 0 else "plain"
+            arms = [(0.0, 0.0), *((w, 0.0) for w in args.weights), *((0.0, f) for f in args.feature_weights)]
+            for weight, feature in arms:
+                arm = "explain" if weight > 0 else "feature" if feature > 0 else "plain"
                 fields = {
                     "dataset": "segmentation_3d_synthetic",
                     "method": args.method,
@@ -118,20 +122,26 @@ def run(args: argparse.Namespace) -> None:
                     "seed": seed,
                     "finetune": arm,
                     "explain_weight": weight,
-                    "explainer_train": "grad_x_input" if arm == "explain" else "",
+                    "explainer_train": {"explain": "grad_x_input", "feature": "features"}.get(arm, ""),
+                    "feature_weight": feature,
                 }
                 if _key(fields) in done:
                     continue
                 print(
-                    f"seed {seed}, {ratio:.0%} of MACs, {arm} fine-tune (weight {weight:g}) ...", flush=True
+                    f"seed {seed}, {ratio:.0%} of MACs, {arm} fine-tune (weight {max(weight, feature):g}) ...",
+                    flush=True,
                 )
                 extra = [
                     "--seed", str(seed), "--method", args.method, "--prune_target", "macs", "--ratio", str(ratio),
                     "--finetune_epochs", str(args.finetune_epochs), "--overwrite", "true", "--explain", "true",
                     "--explain_method", "ig", "--explain_kwargs", explain_kwargs,
-                    "--explain_weight", str(weight),
+                    "--explain_weight", str(weight), "--explain_feature_weight", str(feature),
                 ]  # fmt: skip
-                _run(work, extra, work / f"log_{ratio}_{weight:g}.txt")
+                _run(
+                    work,
+                    extra,
+                    work / (f"log_{ratio}_{weight:g}" + (f"_f{feature:g}" if feature else "") + ".txt"),
+                )
                 report = json.loads((work / "eval" / "prune_report.json").read_text())
                 row = row_from_report(report, **fields)
                 append_row(out, row)
@@ -149,20 +159,33 @@ def _f(v: str) -> str:
         return "–"
 
 
+def _arm(r: dict[str, str]) -> tuple[int, float]:
+    """Sort key of a row's fine-tune: plain, explain (by weight), feature (by weight)."""
+    feature = float(r.get("feature_weight") or 0)
+    return (
+        (2, feature)
+        if feature > 0
+        else (1 if float(r["explain_weight"]) > 0 else 0, float(r["explain_weight"]))
+    )
+
+
+def _arm_label(r: dict[str, str]) -> str:
+    kind, weight = _arm(r)
+    return ("plain", f"explain {weight:g}", f"feature {weight:g}")[kind] if kind else "plain"
+
+
 def summarize(rows: list[dict[str, str]], command: str) -> str:
     """Markdown: one line per (MACs removed, seed) with both arms side by side, then the means over seeds."""
     lines = [
         f"Command: `{command}`",
         "",
-        "| MACs removed | seed | explain_weight | Dice base | Dice | IG Spearman [95 % CI] | top-10 % IoU [95 % CI] "
+        "| MACs removed | seed | fine-tune (weight) | Dice base | Dice | IG Spearman [95 % CI] | top-10 % IoU [95 % CI] "
         "| deletion AUC base / pruned |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(
-        rows, key=lambda r: (float(r["macs_removed"]), int(r["seed"]), float(r["explain_weight"]))
-    ):
+    for r in sorted(rows, key=lambda r: (float(r["macs_removed"]), int(r["seed"]), _arm(r))):
         lines.append(
-            f"| {float(r['macs_removed']):.0%} | {r['seed']} | {float(r['explain_weight']):g} | {_f(r['acc_base'])} "
+            f"| {float(r['macs_removed']):.0%} | {r['seed']} | {_arm_label(r)} | {_f(r['acc_base'])} "
             f"| {_f(r['acc'])} "
             f"| {_f(r['spearman'])} [{_f(r['spearman_ci_lo'])}, {_f(r['spearman_ci_hi'])}] "
             f"| {_f(r['iou10'])} [{_f(r['iou10_ci_lo'])}, {_f(r['iou10_ci_hi'])}] "
@@ -170,21 +193,21 @@ def summarize(rows: list[dict[str, str]], command: str) -> str:
         )
     lines += [
         "",
-        "Means over seeds (explain_weight 0 = plain fine-tune):",
+        "Means over seeds:",
         "",
-        "| MACs removed | explain_weight | seeds | Dice | IG Spearman | top-10 % IoU | deletion AUC pruned |",
+        "| MACs removed | fine-tune (weight) | seeds | Dice | IG Spearman | top-10 % IoU | deletion AUC pruned |",
         "|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, str], list[dict[str, str]]] = {}
+    groups: dict[tuple[str, tuple], list[dict[str, str]]] = {}
     for r in rows:
-        groups.setdefault((r["macs_removed"], r["explain_weight"]), []).append(r)
-    for (ratio, weight), g in sorted(groups.items(), key=lambda kv: (float(kv[0][0]), float(kv[0][1]))):
+        groups.setdefault((r["macs_removed"], _arm(r)), []).append(r)
+    for (ratio, _), g in sorted(groups.items(), key=lambda kv: (float(kv[0][0]), kv[0][1])):
 
         def mean(k: str, g: list[dict[str, str]] = g) -> str:
             return f"{sum(float(r[k]) for r in g) / len(g):.3f}"
 
         lines.append(
-            f"| {float(ratio):.0%} | {float(weight):g} | {len(g)} | {mean('acc')} | {mean('spearman')} "
+            f"| {float(ratio):.0%} | {_arm_label(g[0])} | {len(g)} | {mean('acc')} | {mean('spearman')} "
             f"| {mean('iou10')} | {mean('deletion_auc_pruned')} |"
         )
     return "\n".join(lines) + "\n"
@@ -197,10 +220,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="lrp", help="channel relevance method of the pruning")
     p.add_argument(
         "--weights",
-        nargs="+",
+        nargs="*",
         type=float,
         default=[0.1, 1.0],
         help="explain_weight of each explain arm (> 0)",
+    )
+    p.add_argument(
+        "--feature_weights",
+        nargs="*",
+        type=float,
+        default=[],
+        help="explain_feature_weight of each feature arm (> 0): kept-channel feature distillation, no map term",
     )
     p.add_argument("--finetune_epochs", type=int, default=3)
     p.add_argument("--max_samples", type=int, default=16, help="validation patches explained")
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in args.ratios:
         if not 0.0 < r < 1.0:
             raise SystemExit(f"bad --ratios entry {r}: a fraction of MACs removed in (0, 1)")
-    for w in args.weights:
+    for w in [*args.weights, *args.feature_weights]:
         if not w > 0:
             raise SystemExit(f"bad --weights entry {w}: an explain_weight > 0 (the plain arm always runs)")
     run(args)

@@ -155,18 +155,24 @@ class SegmentationTask:
         return -(-len(data["train"][0]) * self.cfg["crops_per_image"] // self.cfg["batch"])
 
     def train(
-        self, model: nn.Module, data: dict, epochs: int, seed: int, include_start: bool = False
+        self,
+        model: nn.Module,
+        data: dict,
+        epochs: int,
+        seed: int,
+        include_start: bool = False,
+        extra_loss=None,
     ) -> dict:
         """``run.train`` on random crops, keeping the epoch of the best validation Dice (full images)."""
         xv, yv = data["val"]
         return run.train(
             model, None, None, epochs, self.cfg["batch"], seed, lr=self.cfg["lr"], include_start=include_start,
             batch_fn=lambda g: self._batches(data, g), steps_per_epoch=self.steps_per_epoch(data),
-            score_fn=lambda m: self.metrics(yv, self.predict(m, xv))[:1],
+            score_fn=lambda m: self.metrics(yv, self.predict(m, xv))[:1], extra_loss=extra_loss,
         )  # fmt: skip
 
-    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int) -> dict:
-        return self.train(model, data, epochs, seed, include_start=True)
+    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int, extra_loss=None) -> dict:
+        return self.train(model, data, epochs, seed, include_start=True, extra_loss=extra_loss)
 
     def base_model_path(self, cache: Path, n_train: int, epochs: int, seed: int) -> Path:
         return cache / f"{self.name}_{self.model_name}_e{epochs}_n{n_train}_s{seed}.pt"
