@@ -46,7 +46,9 @@ def test_rows_and_summary(tmp_path):
     rows = bench.read_rows(out)
     assert len(rows) == 6 and set(bench.COLUMNS) == set(rows[0])
     assert float(rows[0]["macs_ratio"]) == 0.5 and float(rows[0]["spearman_ci_lo"]) == pytest.approx(0.4)
-    assert len({bench._key(r) for r in rows}) == 6  # the weights are part of the key: no arm overwrites another
+    assert (
+        len({bench._key(r) for r in rows}) == 6
+    )  # the weights are part of the key: no arm overwrites another
     md = bench.summarize(rows, "cmd")
     # means over the two seeds: plain Spearman (0.5 + 0.7) / 2, explain (0.6 + 0.8) / 2, feature (0.7 + 0.9) / 2
     assert "| 50% | plain | 2 | 0.850 | 0.600 | 0.500 | 0.300 |" in md
