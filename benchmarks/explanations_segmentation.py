@@ -61,7 +61,7 @@ def _key(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(
         str(row.get(k) or "")
         for k in ("dataset", "method", "macs_removed", "seed", "finetune", "explain_weight")
-    ) + (str(float(row.get("feature_weight") or 0)),)
+    ) + (str(float(row.get("feature_weight") or 0)), row.get("explainer_eval") or "ig")
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> None:
                     "explain_weight": weight,
                     "explainer_train": {"explain": "grad_x_input", "feature": "features"}.get(arm, ""),
                     "feature_weight": feature,
+                    "explainer_eval": args.explain_method,
                 }
                 if _key(fields) in done:
                     continue
@@ -134,19 +135,24 @@ def run(args: argparse.Namespace) -> None:
                 extra = [
                     "--seed", str(seed), "--method", args.method, "--prune_target", "macs", "--ratio", str(ratio),
                     "--finetune_epochs", str(args.finetune_epochs), "--overwrite", "true", "--explain", "true",
-                    "--explain_method", "ig", "--explain_kwargs", explain_kwargs,
+                    "--explain_method", args.explain_method, "--explain_kwargs", explain_kwargs,
                     "--explain_weight", str(weight), "--explain_feature_weight", str(feature),
                 ]  # fmt: skip
                 _run(
                     work,
                     extra,
-                    work / (f"log_{ratio}_{weight:g}" + (f"_f{feature:g}" if feature else "") + ".txt"),
+                    work
+                    / (
+                        f"log_{ratio}_{weight:g}"
+                        + (f"_f{feature:g}" if feature else "")
+                        + f"_{args.explain_method}.txt"
+                    ),
                 )
                 report = json.loads((work / "eval" / "prune_report.json").read_text())
                 row = row_from_report(report, **fields)
                 append_row(out, row)
                 print(
-                    f"  Dice {row['acc']:.3f} (base {row['acc_base']:.3f}), IG Spearman {row['spearman']:.3f}, "
+                    f"  Dice {row['acc']:.3f} (base {row['acc_base']:.3f}), {args.explain_method} Spearman {row['spearman']:.3f}, "
                     f"top-10 % IoU {row['iou10']:.3f}",
                     flush=True,
                 )
@@ -157,6 +163,11 @@ def _f(v: str) -> str:
         return f"{float(v):.3f}"
     except ValueError:
         return "–"
+
+
+def _ev(r: dict[str, str]) -> str:
+    """The explainer a row's agreement was measured with (files from before the option: IG)."""
+    return r.get("explainer_eval") or "ig"
 
 
 def _arm(r: dict[str, str]) -> tuple[int, float]:
@@ -179,13 +190,13 @@ def summarize(rows: list[dict[str, str]], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        "| MACs removed | seed | fine-tune (weight) | Dice base | Dice | IG Spearman [95 % CI] | top-10 % IoU [95 % CI] "
-        "| deletion AUC base / pruned |",
-        "|---|---|---|---|---|---|---|---|",
+        "| MACs removed | seed | fine-tune (weight) | explainer | Dice base | Dice | Spearman [95 % CI] "
+        "| top-10 % IoU [95 % CI] | deletion AUC base / pruned |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (float(r["macs_removed"]), int(r["seed"]), _arm(r))):
+    for r in sorted(rows, key=lambda r: (_ev(r), float(r["macs_removed"]), int(r["seed"]), _arm(r))):
         lines.append(
-            f"| {float(r['macs_removed']):.0%} | {r['seed']} | {_arm_label(r)} | {_f(r['acc_base'])} "
+            f"| {float(r['macs_removed']):.0%} | {r['seed']} | {_arm_label(r)} | {_ev(r)} | {_f(r['acc_base'])} "
             f"| {_f(r['acc'])} "
             f"| {_f(r['spearman'])} [{_f(r['spearman_ci_lo'])}, {_f(r['spearman_ci_hi'])}] "
             f"| {_f(r['iou10'])} [{_f(r['iou10_ci_lo'])}, {_f(r['iou10_ci_hi'])}] "
@@ -195,19 +206,19 @@ def summarize(rows: list[dict[str, str]], command: str) -> str:
         "",
         "Means over seeds:",
         "",
-        "| MACs removed | fine-tune (weight) | seeds | Dice | IG Spearman | top-10 % IoU | deletion AUC pruned |",
-        "|---|---|---|---|---|---|---|",
+        "| MACs removed | fine-tune (weight) | explainer | seeds | Dice | Spearman | top-10 % IoU | deletion AUC pruned |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, tuple], list[dict[str, str]]] = {}
+    groups: dict[tuple[str, str, tuple], list[dict[str, str]]] = {}
     for r in rows:
-        groups.setdefault((r["macs_removed"], _arm(r)), []).append(r)
-    for (ratio, _), g in sorted(groups.items(), key=lambda kv: (float(kv[0][0]), kv[0][1])):
+        groups.setdefault((_ev(r), r["macs_removed"], _arm(r)), []).append(r)
+    for (ev, ratio, _), g in sorted(groups.items(), key=lambda kv: (kv[0][0], float(kv[0][1]), kv[0][2])):
 
         def mean(k: str, g: list[dict[str, str]] = g) -> str:
             return f"{sum(float(r[k]) for r in g) / len(g):.3f}"
 
         lines.append(
-            f"| {float(ratio):.0%} | {_arm_label(g[0])} | {len(g)} | {mean('acc')} | {mean('spearman')} "
+            f"| {float(ratio):.0%} | {_arm_label(g[0])} | {ev} | {len(g)} | {mean('acc')} | {mean('spearman')} "
             f"| {mean('iou10')} | {mean('deletion_auc_pruned')} |"
         )
     return "\n".join(lines) + "\n"
@@ -231,6 +242,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=[],
         help="explain_feature_weight of each feature arm (> 0): kept-channel feature distillation, no map term",
+    )
+    p.add_argument(
+        "--explain_method",
+        default="ig",
+        help="explainer of the agreement (the report's; never a trained one)",
     )
     p.add_argument("--finetune_epochs", type=int, default=3)
     p.add_argument("--max_samples", type=int, default=16, help="validation patches explained")

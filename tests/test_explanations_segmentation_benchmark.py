@@ -51,14 +51,14 @@ def test_rows_and_summary(tmp_path):
     )  # the weights are part of the key: no arm overwrites another
     md = bench.summarize(rows, "cmd")
     # means over the two seeds: plain Spearman (0.5 + 0.7) / 2, explain (0.6 + 0.8) / 2, feature (0.7 + 0.9) / 2
-    assert "| 50% | plain | 2 | 0.850 | 0.600 | 0.500 | 0.300 |" in md
-    assert "| 50% | explain 1 | 2 | 0.850 | 0.700 | 0.500 | 0.300 |" in md
-    assert "| 50% | feature 1 | 2 | 0.850 | 0.800 | 0.500 | 0.300 |" in md
+    assert "| 50% | plain | ig | 2 | 0.850 | 0.600 | 0.500 | 0.300 |" in md
+    assert "| 50% | explain 1 | ig | 2 | 0.850 | 0.700 | 0.500 | 0.300 |" in md
+    assert "| 50% | feature 1 | ig | 2 | 0.850 | 0.800 | 0.500 | 0.300 |" in md
     assert "0.600 [0.500, 0.650]" in md  # seed 0's explain row with its interval
     # a file written before the feature arm existed (no feature_weight column) keeps its keys and labels
     old = [{k: v for k, v in r.items() if k != "feature_weight"} for r in rows if r["finetune"] != "feature"]
     assert {bench._key(r) for r in old} <= {bench._key(r) for r in rows}
-    assert "| 50% | explain 1 | 2 |" in bench.summarize(old, "cmd")
+    assert "| 50% | explain 1 | ig | 2 |" in bench.summarize(old, "cmd")
 
 
 def test_bad_settings_stop_before_any_run(tmp_path):
