@@ -36,6 +36,7 @@ import copy
 import csv
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,48 @@ def evaluation_explainers(train_explainer: str) -> list[str]:
     return [e for e in EVAL_EXPLAINERS if e != train_explainer]
 
 
+def weighted_arm(
+    arm: str, weights: list[float], fit: Any, val_agreement: Any, plain_val_acc: float, tol: float
+) -> tuple[nn.Module, dict[str, Any]] | None:
+    """Fine-tune from the pruned weights at each weight (``fit(w) -> (model, info, note)``) and return the candidate
+    ``pick_on_validation`` chooses; None without weights (no such arm)."""
+    candidates = []
+    for w in weights:
+        m, info, note = fit(w)
+        info["val_spearman_ig"], info["weight"] = val_agreement(m), w
+        print(f"  [{arm} w={w}] val ACC {info['val_acc']:.4f} val IG Spearman {info['val_spearman_ig']:.4f} {note}",
+              flush=True)  # fmt: skip
+        candidates.append((m, info))
+    if not candidates:
+        return None
+    chosen = pick_on_validation(candidates, plain_val_acc, tol)
+    print(f"  [{arm}] chose weight {chosen[1]['weight']} on validation", flush=True)
+    return chosen
+
+
+def fit_explain(ctx: dict[str, Any], w: float) -> tuple[nn.Module, dict[str, Any], str]:
+    """The explain arm at weight ``w``: the consistency term (+ logit distillation with --explain_kd)."""
+    args, m = ctx["args"], copy.deepcopy(ctx["pruned"])
+    loss = ExplanationConsistencyLoss(
+        copy.deepcopy(ctx["model"]).eval(),
+        explainer=args.train_explainer,
+        explainer_kwargs={"n_steps": args.train_ig_steps} if args.train_explainer == "ig" else None,
+    )
+    info = finetune(m, ctx["data"]["train"], ctx["data"]["val"], ctx["ft_epochs"], ctx["batch"], ctx["seed"],
+                    consistency=loss, weight=w, teacher=ctx["teacher"], kd_alpha=args.explain_kd)  # fmt: skip
+    return m, info, f"consistency {info['consistency_first']:.3f} -> {info['consistency_last']:.3f}"
+
+
+def fit_feature(ctx: dict[str, Any], w: float) -> tuple[nn.Module, dict[str, Any], str]:
+    """The feature arm at weight ``w``: kept-channel feature distillation (+ logit distillation with --explain_kd)."""
+    m = copy.deepcopy(ctx["pruned"])
+    feature = FeatureDistillationLoss(copy.deepcopy(ctx["model"]).eval(), ctx["kept"])
+    info = finetune(m, ctx["data"]["train"], ctx["data"]["val"], ctx["ft_epochs"], ctx["batch"], ctx["seed"],
+                    teacher=ctx["teacher"], kd_alpha=ctx["args"].explain_kd, feature=feature,
+                    feature_weight=w)  # fmt: skip
+    return m, info, f"term {feature.last:.4f}"
+
+
 def pick_on_validation(
     candidates: list[tuple[nn.Module, dict[str, Any]]], plain_val_acc: float, tol: float
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -263,58 +306,17 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                     f"  [distill] val ACC {ftd['val_acc']:.4f} val IG Spearman {ftd['val_spearman_ig']:.4f}",
                     flush=True,
                 )
-            candidates = []
-            for w in args.weights:  # none: no explain arm
-                m = copy.deepcopy(pruned)
-                loss = ExplanationConsistencyLoss(
-                    copy.deepcopy(model).eval(),
-                    explainer=args.train_explainer,
-                    explainer_kwargs={"n_steps": args.train_ig_steps}
-                    if args.train_explainer == "ig"
-                    else None,
+            ctx = {"pruned": pruned, "model": model, "data": data, "ft_epochs": ft_epochs, "batch": cfg["batch"],
+                   "seed": seed, "teacher": teacher, "kept": kept, "args": args}  # fmt: skip
+            for arm, weights, fit in (
+                ("explain", args.weights, fit_explain),
+                ("feature", args.feature_weights, fit_feature),
+            ):
+                chosen = weighted_arm(
+                    arm, weights, partial(fit, ctx), val_agreement, ft["val_acc"], args.val_acc_tol
                 )
-                ftw = finetune(
-                    m,
-                    data["train"],
-                    data["val"],
-                    ft_epochs,
-                    cfg["batch"],
-                    seed,
-                    consistency=loss,
-                    weight=w,
-                    teacher=teacher,
-                    kd_alpha=args.explain_kd,
-                )
-                ftw["val_spearman_ig"] = val_agreement(m)
-                ftw["weight"] = w
-                print(
-                    f"  [explain w={w}] val ACC {ftw['val_acc']:.4f} val IG Spearman {ftw['val_spearman_ig']:.4f} "
-                    f"consistency {ftw['consistency_first']:.3f} -> {ftw['consistency_last']:.3f}",
-                    flush=True,
-                )
-                candidates.append((m, ftw))
-            if candidates:
-                arms["explain"] = pick_on_validation(candidates, ft["val_acc"], args.val_acc_tol)
-                print(f"  [explain] chose weight {arms['explain'][1]['weight']} on validation", flush=True)
-            candidates = []
-            for w in (
-                args.feature_weights
-            ):  # kept-channel feature distillation (+ logit distillation with --explain_kd)
-                m = copy.deepcopy(pruned)
-                feature = FeatureDistillationLoss(copy.deepcopy(model).eval(), kept)
-                ftw = finetune(m, data["train"], data["val"], ft_epochs, cfg["batch"], seed, teacher=teacher,
-                               kd_alpha=args.explain_kd, feature=feature, feature_weight=w)  # fmt: skip
-                ftw["val_spearman_ig"] = val_agreement(m)
-                ftw["weight"] = w
-                print(
-                    f"  [feature w={w}] val ACC {ftw['val_acc']:.4f} val IG Spearman {ftw['val_spearman_ig']:.4f} "
-                    f"term {feature.last:.4f}",
-                    flush=True,
-                )
-                candidates.append((m, ftw))
-            if candidates:
-                arms["feature"] = pick_on_validation(candidates, ft["val_acc"], args.val_acc_tol)
-                print(f"  [feature] chose weight {arms['feature'][1]['weight']} on validation", flush=True)
+                if chosen is not None:
+                    arms[arm] = chosen
 
             preds = {arm: predict(m, xt) for arm, (m, _) in arms.items()}
             correct = {arm: ((p >= 0.5).astype(np.int64) == yt_np).astype(float) for arm, p in preds.items()}
