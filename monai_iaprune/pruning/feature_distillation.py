@@ -9,9 +9,10 @@ fitted to: the removed channels' contribution must be made up by the kept ones, 
 reconstruction idea of channel-pruning work such as He et al. 2017, ThiNet; here as a fine-tune term).
 
 Why here: input attribution maps are computed through those internal activations, so keeping them is what
-keeps explanations (``benchmarks/explanations.py``: LRP agreement with the unpruned network rises well above
-what logit distillation or an explanation term alone reach), and it recovers accuracy at large MACs budgets on
-some sets (``benchmarks/budget.py --ft-feature``).
+keeps explanations (``benchmarks/explanations.py``, 3 seeds: LRP agreement with the unpruned network above what
+logit distillation or an explanation term alone reach on 5 of 6 MedMNIST settings; BreastMNIST at 50 % of MACs
+removed: Spearman 0.88 -> 0.925, top-10 % IoU 0.51 -> 0.71), and it recovers accuracy at large MACs budgets on the
+3D set, not on the 2D ones (``benchmarks/budget.py --ft-feature``, ``benchmarks/recovery.py``).
 
 The student's outputs are captured by forward hooks during the trainer's own forward (no extra student pass);
 the teacher runs once per batch in eval mode without gradients, so the gradient reaches only the student.
