@@ -76,7 +76,10 @@ class ExplanationConsistencyHandler:
         training step's cost, plus a forward and backward of the teacher. Under ``DistributedDataParallel`` the
         explanation pass runs on the wrapped module and its gradients are all-reduced with the task loss's in
         the trainer's backward (each rank's term is the mean over its own shard, as the task loss is). The
-        teacher is not part of ``state_dict``; after resuming past ``teacher_epoch`` pass ``teacher`` explicitly.
+        feature term costs one teacher forward per batch (the student's outputs come from the training forward);
+        under DDP its hooks sit on the wrapped module and each rank normalises it by its own shard (not tested
+        under DDP). The teacher is not part of ``state_dict``; after resuming past ``teacher_epoch`` pass
+        ``teacher`` explicitly.
     """
 
     def __init__(
