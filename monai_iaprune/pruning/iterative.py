@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -59,6 +59,7 @@ def prune_iteratively(
     recalibrate_bn: bool = True,
     bn_batches: int | None = None,
     progress: bool = True,
+    recover: Callable[[nn.Module, int], Any] | None = None,
     **prune_kwargs: Any,
 ) -> list[PruneResult]:
     """Remove ``ratio`` of ``target`` (or reach ``speedup``) in ``steps`` stages of ``prune_step``.
@@ -73,6 +74,10 @@ def prune_iteratively(
         steps: number of stages, >= 1.
         speedup: total estimated speed-up for ``target="latency"``.
         progress: tqdm bar over the stages.
+        recover: optional ``(model, stage) -> Any`` called after every stage but the last (``stage`` counts from
+            0), e.g. a short recovery fine-tune, so that the next stage scores a network that has re-learned what
+            the previous one removed (gradual pruning). It trains ``model`` in place; its return value is ignored.
+            The fine-tune after the last stage is the caller's.
         prune_kwargs: extra ``prune`` arguments for every stage.
 
     Returns:
@@ -80,6 +85,8 @@ def prune_iteratively(
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if recover is not None and not callable(recover):
+        raise TypeError(f"recover must be a callable (model, stage) -> Any, got {type(recover).__name__}")
     if target not in ("params", "macs", "latency"):
         raise ValueError(f"prune_iteratively needs a params, macs or latency budget, got target={target!r}")
     if target == "latency":
@@ -124,4 +131,6 @@ def prune_iteratively(
         results.append(result)
         if kept <= keep_total:
             break
+        if recover is not None and k < steps - 1:
+            recover(model, k)
     return results
