@@ -231,14 +231,45 @@ class ClassificationTask:
         calib = torch.randperm(len(xtr), generator=g)[:n]
         return list(batches(xtr[calib], ytr[calib], 32))
 
-    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int, extra_loss=None) -> dict:
+    def finetune(
+        self,
+        model: nn.Module,
+        data: dict,
+        epochs: int,
+        seed: int,
+        extra_loss=None,
+        teacher=None,
+        kd_alpha=0.0,
+    ) -> dict:
         return train(
             model, data["train"], data["val"], epochs, self.cfg["batch"], seed=seed, include_start=True,
-            extra_loss=extra_loss,
+            extra_loss=extra_loss, teacher=teacher, kd_alpha=kd_alpha,
+        )  # fmt: skip
+
+    def finetune_part(self, model: nn.Module, data: dict, epochs: float, seed: int) -> dict:
+        """``epochs`` (a fraction allowed) of the fine-tune: the recovery between gradual pruning stages. Whole
+        epochs where ``epochs`` >= 1 (the best on validation kept, as ``finetune``), each of ``epochs /
+        round(epochs)`` of the training set's batches, shuffled and augmented as ``train``'s."""
+        xy, size = data["train"], self.cfg["batch"]
+        n_ep = max(1, round(epochs))
+        per_epoch = max(1, round(epochs / n_ep * math.ceil(len(xy[0]) / size)))
+
+        def batch_fn(g: torch.Generator):
+            n = 0
+            while True:
+                for xb, yb in batches(*xy, size, shuffle=True, gen=g, augment=True):
+                    yield xb, yb
+                    n += 1
+                    if n >= per_epoch:
+                        return
+
+        return train(
+            model, xy, data["val"], n_ep, size, seed=seed, include_start=True, batch_fn=batch_fn,
+            steps_per_epoch=per_epoch,
         )  # fmt: skip
 
 
-def finetune_with_features(
+def finetune_variants(
     task: Any,
     pruned: nn.Module,
     unpruned: nn.Module,
@@ -246,32 +277,53 @@ def finetune_with_features(
     data: dict,
     epochs: int,
     seed: int,
-    weights: Sequence[float],
-) -> tuple[nn.Module, float]:
-    """The recovery fine-tune with kept-channel feature distillation from the unpruned network
-    (``pruning.feature_distillation``) at each of ``weights``, from the same pruned weights and seed; returns the
-    model of the weight whose best epoch scores highest on VALIDATION (the task's score: ACC then AUC, or Dice)
-    and that weight. The test split is not looked at."""
-    kept = kept_channels(unpruned, *histories)
-    best: tuple[tuple, nn.Module, float] | None = None
-    for w in weights:
-        m = copy.deepcopy(pruned)
-        loss = FeatureDistillationLoss(copy.deepcopy(unpruned).eval(), kept)
-        loss.attach(m)
+    feature_weights: Sequence[float] | None,
+    kd_alphas: Sequence[float] | None,
+) -> tuple[nn.Module, float, float]:
+    """The recovery fine-tune at every combination of a kept-channel feature-distillation weight
+    (``pruning.feature_distillation``; 0 = off) and a logit-distillation alpha (``run.train``'s ``kd_alpha``, the
+    unpruned network as teacher; 0 = off), each from the same pruned weights and seed; returns the model whose best
+    epoch scores highest on VALIDATION (the task's score: ACC then AUC, or Dice), its feature weight and its alpha.
+    The test split is not looked at."""
+    kept = kept_channels(unpruned, *histories) if feature_weights else None
+    best: tuple[tuple, nn.Module, float, float] | None = None
+    for w in feature_weights or [0.0]:
+        for alpha in kd_alphas or [0.0]:
+            m = copy.deepcopy(pruned)
+            teacher = copy.deepcopy(unpruned).eval()
+            loss = None
+            if w > 0:
+                loss = FeatureDistillationLoss(teacher, kept)
+                loss.attach(m)
 
-        def term(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor, w=w, loss=loss):
-            return w * loss(xb) if model.training else logits.new_zeros(())
+            def term(
+                model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor, w=w, loss=loss
+            ):
+                return w * loss(xb) if model.training and loss is not None else logits.new_zeros(())
 
-        try:
-            info = task.finetune(m, data, epochs, seed, extra_loss=term)
-        finally:
-            loss.detach()
-        score = (info["val_acc"], info.get("val_auc", float("nan")))
-        score = tuple(-1.0 if math.isnan(v) else v for v in score)
-        if best is None or score > best[0]:
-            best = (score, m, w)
+            try:
+                info = task.finetune(m, data, epochs, seed, extra_loss=term, teacher=teacher, kd_alpha=alpha)
+            finally:
+                if loss is not None:
+                    loss.detach()
+            score = (info["val_acc"], info.get("val_auc", float("nan")))
+            score = tuple(-1.0 if math.isnan(v) else v for v in score)
+            if best is None or score > best[0]:
+                best = (score, m, w, alpha)
     assert best is not None
-    return best[1], best[2]
+    return best[1], best[2], best[3]
+
+
+class Recovery:
+    """``prune_iteratively``'s ``recover``: ``epochs`` of the fine-tune (``task.finetune_part``) after a stage, a
+    seed per stage; ``spent`` counts the epochs used, the final fine-tune gets the rest."""
+
+    def __init__(self, task: Any, data: dict, epochs: float, seed: int):
+        self.task, self.data, self.epochs, self.seed, self.spent = task, data, epochs, seed, 0.0
+
+    def __call__(self, model: nn.Module, stage: int) -> None:
+        self.task.finetune_part(model, self.data, self.epochs, 1000 * (stage + 1) + self.seed)
+        self.spent += self.epochs
 
 
 TASKS: dict[str, Any] = {
@@ -354,7 +406,9 @@ def phase_accuracy(args: argparse.Namespace) -> None:
 def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     done = {row_key(r) for r in read_rows(csv_path)}
     preds = args.out / "budget_preds"
-    models = args.cache / "budget_models"
+    # another fine-tune: its models must not replace the plain ones
+    variant = bool(args.ft_feature or args.ft_kd or args.recover_between)
+    models = args.cache / ("budget_models_ft" if variant else "budget_models")
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
@@ -378,7 +432,7 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
             else:
                 budgets += [("latency", s) for s in args.speedups]
         ft_epochs = args.ft_epochs if args.ft_epochs is not None else task.ft_epochs
-        columns = COLUMNS + ["ft_feature_weight"] if args.ft_feature else COLUMNS
+        columns = COLUMNS + (["ft_feature_weight", "ft_kd_alpha", "recover_between"] if variant else [])
         for seed in args.seeds:
             todo = [
                 (meth, sch, kind, b)
@@ -435,10 +489,15 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                                 )
                             ]
                     else:
+                        recover = (  # gradual: the fine-tune's length split over the stages
+                            Recovery(task, data, ft_epochs / args.steps, seed)
+                            if args.recover_between
+                            else None
+                        )
                         res = prune_iteratively(
                             m, cal, meth, b if kind == "macs" else 0.5, steps=args.steps,
                             speedup=b if kind == "latency" else None, relevance_kwargs=rel_kw,
-                            example_inputs=x1, progress=False, **target_kw,
+                            example_inputs=x1, progress=False, recover=recover, **target_kw,
                         )  # fmt: skip
                 except (ValueError, FloatingPointError) as e:
                     print(f"[fail] {name} {meth} {sch} {kind} {b}: {type(e).__name__}: {e}", flush=True)
@@ -452,11 +511,21 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 acc_pr, auc_pr = task.metrics(data["test"][1], p_pr)
                 vacc_pr, vauc_pr = task.metrics(data["val"][1], pv_pr)
                 t = time.perf_counter()
-                feature_weight = ""
-                if args.ft_feature:
-                    m, feature_weight = finetune_with_features(
-                        task, m, model, [r.history for r in res], data, ft_epochs, seed, args.ft_feature
+                feature_weight = kd_alpha = ""
+                if args.ft_feature or args.ft_kd:
+                    m, feature_weight, kd_alpha = finetune_variants(
+                        task,
+                        m,
+                        model,
+                        [r.history for r in res],
+                        data,
+                        ft_epochs,
+                        seed,
+                        args.ft_feature,
+                        args.ft_kd,
                     )
+                elif args.recover_between and sch == "iterative":  # what the recoveries left of the fine-tune
+                    task.finetune_part(m, data, ft_epochs - recover.spent, seed)
                 else:
                     task.finetune(m, data, ft_epochs, seed)
                 t_ft = time.perf_counter() - t
@@ -487,8 +556,9 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                     "base_epochs": info.get("epochs", ""), "normalizer": "auto",
                     "model_file": str(mfile.relative_to(args.cache)),
                 }  # fmt: skip
-                if args.ft_feature:
-                    row["ft_feature_weight"] = feature_weight
+                if variant:
+                    row["ft_feature_weight"], row["ft_kd_alpha"] = feature_weight, kd_alpha
+                    row["recover_between"] = bool(args.recover_between and sch == "iterative")
                 append_row(csv_path, row, columns)
                 done.add(row_key(row))
                 print(
@@ -1075,6 +1145,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fine-tune with kept-channel feature distillation from the unpruned network at each weight "
                    "W, keeping the best on validation (column ft_feature_weight); use another --out: the rows "
                    "are not those of the plain fine-tune")  # fmt: skip
+    p.add_argument("--ft-kd", nargs="+", type=float, default=None, metavar="ALPHA",
+                   help="fine-tune with logit distillation from the unpruned network (loss (1 - ALPHA) CE + ALPHA "
+                   "T^2 KL, T = 4) at each ALPHA in (0, 1] (with --ft-feature: every combination), keeping the best "
+                   "on validation (column ft_kd_alpha); use another --out. Classification only")  # fmt: skip
+    p.add_argument("--recover-between", action="store_true",
+                   help="iterative schedule: gradual pruning, the fine-tune's epochs split evenly over the stages "
+                   "(a recovery fine-tune after each stage but the last, the rest after the last: the same total "
+                   "length as the one-shot rows' fine-tune; column recover_between); use another --out. "
+                   "Classification only")  # fmt: skip
     p.add_argument("--calib", type=int, default=None,
                    help="calibration images for relevance and BatchNorm (default 256; membrane: 16 random 128^2 crops)")  # fmt: skip
     p.add_argument(
@@ -1095,6 +1174,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cache", type=Path, default=None, help="default benchmarks/cache, or OUT/cache for another --out"
     )
     args = p.parse_args(argv)
+    if args.ft_kd is not None:
+        if any(not 0 < a <= 1 for a in args.ft_kd):
+            p.error(f"--ft-kd: every ALPHA must lie in (0, 1], got {args.ft_kd}")
+        if "membrane" in args.datasets:
+            p.error("--ft-kd: logit distillation is for the classification datasets, not membrane")
+    if args.recover_between:
+        if "membrane" in args.datasets:
+            p.error(
+                "--recover-between: gradual pruning is benchmarked on the classification datasets, not membrane"
+            )
+        if args.ft_feature or args.ft_kd:
+            p.error(
+                "--recover-between: not combined with --ft-feature / --ft-kd (one fine-tune variant per run)"
+            )
     if args.cache is None:
         args.cache = CACHE if args.out.resolve() == RESULTS.resolve() else args.out / "cache"
     args.command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -171,7 +171,20 @@ class SegmentationTask:
             score_fn=lambda m: self.metrics(yv, self.predict(m, xv))[:1], extra_loss=extra_loss,
         )  # fmt: skip
 
-    def finetune(self, model: nn.Module, data: dict, epochs: int, seed: int, extra_loss=None) -> dict:
+    def finetune(
+        self,
+        model: nn.Module,
+        data: dict,
+        epochs: int,
+        seed: int,
+        extra_loss=None,
+        teacher=None,
+        kd_alpha=0.0,
+    ) -> dict:
+        if kd_alpha:
+            raise ValueError(
+                "membrane fine-tune: logit distillation (kd_alpha) is not defined for segmentation here"
+            )
         return self.train(model, data, epochs, seed, include_start=True, extra_loss=extra_loss)
 
     def base_model_path(self, cache: Path, n_train: int, epochs: int, seed: int) -> Path:

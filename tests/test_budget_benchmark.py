@@ -64,6 +64,36 @@ def test_budget_benchmark_smoke(tmp_path):
     assert (tmp_path / "budget.md").exists() and (tmp_path / "budget_breastmnist.png").stat().st_size > 1000
 
 
+def test_budget_benchmark_distillation_finetune(tmp_path):
+    """--ft-kd: one row per setting, the alpha chosen on validation among those given, the models kept apart from
+    the plain fine-tune's; a bad alpha and the segmentation dataset are refused before any work."""
+    require_file(MEDMNIST / "breastmnist.npz")
+    _run(
+        tmp_path, "--phase", "accuracy", "--datasets", "breastmnist", "--methods", "lrp", "--schedules", "oneshot",
+        "--macs-budgets", "0.85", "--speedups", "--seeds", "0", "--limit", "64", "--epochs", "1", "--ft-epochs", "1",
+        "--calib", "32", "--ft-kd", "0.5", "0.9",
+    )  # fmt: skip
+    with (tmp_path / "budget.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["ft_kd_alpha"]) in (0.5, 0.9) and float(row["ft_feature_weight"]) == 0.0
+    assert row["model_file"].startswith("budget_models_ft/")
+    assert (tmp_path / "cache" / row["model_file"]).is_file() and not (
+        tmp_path / "cache" / "budget_models"
+    ).exists()
+    for bad, message in (
+        (["--ft-kd", "0"], "(0, 1]"),
+        (["--ft-kd", "0.5", "--datasets", "membrane"], "membrane"),
+        (["--recover-between", "--datasets", "membrane"], "membrane"),
+        (["--recover-between", "--ft-kd", "0.5"], "one fine-tune variant"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "budget.py"), "--out", str(tmp_path / "bad"), *bad],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+        assert not (tmp_path / "bad" / "budget.csv").exists()
+
+
 def test_budget_benchmark_membrane_smoke(tmp_path):
     """The segmentation dataset: a MONAI 2D UNet row with Dice in the ACC columns, its own report section."""
     root = require_file(DATA_DIR / "membrane" / "label" / "29.png").parents[1]
@@ -100,3 +130,32 @@ def test_membrane_dice_per_image():
     p = np.array([[[0.9, 0.2, 0.7, 0.1]], [[0.1, 0.1, 0.1, 0.1]], [[0.1, 0.1, 0.1, 0.1]]])
     # image 0: 1 overlap, |G| 2, |P| 2 -> 0.5; image 1: both empty -> 1; image 2: nothing found -> 0
     assert np.allclose(dice_per_image(y, p), [0.5, 1.0, 0.0])
+
+
+def test_gradual_recovery_splits_the_fine_tune_length():
+    """--recover-between's pieces: a fraction of an epoch is that fraction of the training batches; the stages'
+    pieces and the rest after the last stage add up to the plain fine-tune's length."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from budget import ClassificationTask, Recovery
+
+    task = ClassificationTask("breastmnist")
+    size = task.cfg["batch"]
+    g = torch.Generator().manual_seed(0)
+    data = {
+        "train": (
+            torch.randn(10 * size, 1, 28, 28, generator=g),
+            torch.randint(0, 2, (10 * size,), generator=g),
+        ),
+        "val": (torch.randn(8, 1, 28, 28, generator=g), torch.tensor([0, 1] * 4)),
+    }
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 2))
+    seen: list[int] = []
+    model.register_forward_hook(lambda m, i, o: seen.append(len(i[0])) if m.training else None)
+    for epochs, expected in ((1 / 3, 3), (2 / 3, 7), (8 / 3, 27)):  # 10 batches per epoch
+        seen.clear()
+        task.finetune_part(model, data, epochs, seed=0)
+        assert len(seen) == expected and set(seen) == {size}, (epochs, len(seen))
+    recovery = Recovery(task, data, 8 / 3, seed=0)
+    recovery(model, 0), recovery(model, 1)
+    assert abs(recovery.spent - 16 / 3) < 1e-9  # the final piece gets 8 - 16 / 3 epochs
