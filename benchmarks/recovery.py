@@ -1,18 +1,23 @@
-"""Recovery after large MACs budgets (issue #17, goal (b)): fine-tune length and feature distillation, summarised.
+"""Recovery after large MACs budgets (issue #17, goal (b)): fine-tune length, distillation, gradual pruning.
 
 Reads rows that ``budget.py --phase accuracy`` wrote (one-shot pruning at 85 / 90 % MACs removed, BN
-re-calibrated, then the recovery fine-tune) for two studies and writes ``recovery.md`` and ``recovery.png``:
+re-calibrated, then the recovery fine-tune) for these studies and writes ``recovery.md`` and ``recovery.png``:
 
 - ``--ftlen CSV``: the same pruning with the plain fine-tune at several lengths (``budget.py --ft-epochs N`` into
   separate ``--out`` folders, rows concatenated; ``ft_epochs`` tells them apart);
 - ``--feature CSV``: the fine-tune of each dataset's default length with kept-channel feature distillation from the
-  unpruned network (``budget.py --ft-feature 1 3 10``: the weight chosen on validation ACC per row).
+  unpruned network (``budget.py --ft-feature 1 3 10``: the weight chosen on validation ACC per row);
+- ``--kd CSV``: the same with logit distillation from the unpruned network (``budget.py --ft-kd 0.5 0.9``: the
+  alpha chosen on validation ACC per row);
+- ``--gradual CSV``: gradual pruning, 3 re-scored stages with the same fine-tune length split over them
+  (``budget.py --schedules iterative --recover-between``), against the one-shot rows of the plain fine-tune.
 
 Drops are test (and validation) ACC points of the base model minus the fine-tuned pruned model, mean over seeds
 (each seed prunes its own base model); the goal is a mean test drop <= 0.5 pt at >= 85 % of MACs removed.
 
     python benchmarks/recovery.py --ftlen benchmarks/results/budget_ftlen.csv \\
-        --feature benchmarks/results/budget_feature.csv
+        --feature benchmarks/results/budget_feature.csv --kd benchmarks/results/budget_kd.csv \\
+        --gradual benchmarks/results/budget_gradual.csv
 """
 
 from __future__ import annotations
@@ -70,29 +75,44 @@ def ftlen_table(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def feature_table(feature: list[dict[str, str]], plain: list[dict[str, str]]) -> list[str]:
-    gf = group(feature, "dataset", "method", "budget")
-    gp = group(plain, "dataset", "method", "budget", "ft_epochs")
+def variant_table(
+    variant: list[dict[str, str]], plain: list[dict[str, str]], name: str, choice: str | None
+) -> list[str]:
+    """``variant`` rows against the ``plain`` (one-shot) rows of the same dataset, method, budget, length and seeds;
+    ``choice``: the column holding what was chosen on validation per row (None: nothing chosen)."""
+    gv = group(variant, "dataset", "method", "budget")
+    gp = group(
+        [r for r in plain if r.get("schedule", "oneshot") == "oneshot"],
+        "dataset",
+        "method",
+        "budget",
+        "ft_epochs",
+    )
     lines = [
-        "| dataset | method | MACs removed | seeds | plain: test / val drop | feature distillation: test / val drop | "
-        "weights chosen on validation |",
-        "|---|---|---|---|---|---|---|",
+        f"| dataset | method | MACs removed | seeds | plain: test / val drop | {name}: test / val drop |"
+        + (" chosen on validation |" if choice else ""),
+        "|---|---|---|---|---|---|" + ("---|" if choice else ""),
     ]
     for (d, m, b), rows in sorted(
-        gf.items(), key=lambda kv: (DATASETS.index(kv[0][0]), kv[0][1] != "lrp", kv[0])
+        gv.items(), key=lambda kv: (DATASETS.index(kv[0][0]), kv[0][1] != "lrp", kv[0])
     ):
         t, v, n = drops(rows)
         seeds = {r["seed"] for r in rows}  # the plain rows of the same seeds (base models)
         ref = [r for r in gp.get((d, m, b, rows[0]["ft_epochs"]), []) if r["seed"] in seeds]
         p = f"{drops(ref)[0]:+.1f} / {drops(ref)[1]:+.1f}" if ref else "n/a"
-        weights = ", ".join(
-            f"{float(r['ft_feature_weight']):g}" for r in sorted(rows, key=lambda r: r["seed"])
-        )
-        lines.append(f"| {d} | {m} | {float(b):.0%} | {n} | {p} | **{t:+.1f}** / {v:+.1f} | {weights} |")
+        cell = f"| {d} | {m} | {float(b):.0%} | {n} | {p} | **{t:+.1f}** / {v:+.1f} |"
+        if choice:
+            cell += (
+                " " + ", ".join(f"{float(r[choice]):g}" for r in sorted(rows, key=lambda r: r["seed"])) + " |"
+            )
+        lines.append(cell)
     return lines
 
 
-def plot(ftlen: list[dict[str, str]], feature: list[dict[str, str]], out: Path) -> Path | None:
+def plot(
+    ftlen: list[dict[str, str]], variants: dict[str, tuple[list[dict[str, str]], str]], out: Path
+) -> Path | None:
+    """Test drop against fine-tune length per dataset (plain), each variant a marker at its length."""
     if not ftlen:
         return None
     import matplotlib
@@ -102,24 +122,28 @@ def plot(ftlen: list[dict[str, str]], feature: list[dict[str, str]], out: Path) 
 
     fig, axes = plt.subplots(1, len(DATASETS), figsize=(4.4 * len(DATASETS), 3.4), squeeze=False)
     g = group(ftlen, "dataset", "method", "budget", "ft_epochs")
-    gf = group(feature, "dataset", "method", "budget")
+    gv = {
+        label: (group(rows, "dataset", "method", "budget"), marker)
+        for label, (rows, marker) in variants.items()
+    }
     for ax, d in zip(axes[0], DATASETS):
         for (m, b), style in {("lrp", "0.85"): "C0-o", ("lrp", "0.9"): "C0--o", ("taylor", "0.85"): "C1-s",
                               ("taylor", "0.9"): "C1--s"}.items():  # fmt: skip
             pts = sorted((int(k[3]), drops(v)[0]) for k, v in g.items() if k[:3] == (d, m, b))
             if pts:
                 ax.plot(*zip(*pts), style, ms=4, label=f"{m} {float(b):.0%} plain")
-            if (d, m, b) in gf:
-                e = int(gf[(d, m, b)][0]["ft_epochs"])
-                ax.plot(e, drops(gf[(d, m, b)])[0], style[:2] + "*", ms=11, mec="k",
-                        label=f"{m} {float(b):.0%} + features")  # fmt: skip
+            for label, (gr, marker) in gv.items():
+                if (d, m, b) in gr:
+                    e = int(gr[(d, m, b)][0]["ft_epochs"])
+                    ax.plot(e, drops(gr[(d, m, b)])[0], style[:2] + marker, ms=9, mec="k",
+                            label=f"{m} {float(b):.0%} {label}")  # fmt: skip
         ax.axhline(0.5, color="r", lw=0.7)
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fine-tune epochs")
         ax.set_title(d, fontsize=9)
     axes[0][0].set_ylabel("test ACC drop (pt), mean of 3 seeds")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="upper right", ncol=4)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=6, loc="upper right", ncol=4)
     fig.suptitle("recovery at 85 / 90 % MACs removed (red: the 0.5 pt goal)", fontsize=9, x=0.25)
     fig.tight_layout(rect=(0, 0, 1, 0.86))
     fig.savefig(out, dpi=90)
@@ -131,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ftlen", type=Path, default=RESULTS / "budget_ftlen.csv")
     p.add_argument("--feature", type=Path, default=RESULTS / "budget_feature.csv")
+    p.add_argument("--kd", type=Path, default=RESULTS / "budget_kd.csv")
+    p.add_argument("--gradual", type=Path, default=RESULTS / "budget_gradual.csv")
     p.add_argument("--md", type=Path, default=RESULTS / "recovery.md")
     args = p.parse_args(argv)
-    ftlen, feature = read(args.ftlen), read(args.feature)
-    if not ftlen and not feature:
-        raise SystemExit(f"neither {args.ftlen} nor {args.feature} has rows")
+    ftlen, feature, kd, gradual = read(args.ftlen), read(args.feature), read(args.kd), read(args.gradual)
+    ftlen = [r for r in ftlen if r.get("schedule", "oneshot") == "oneshot"]  # the length study is one-shot
+    if not (ftlen or feature or kd or gradual):
+        raise SystemExit(f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.gradual} has rows")
     command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", ""]
     if ftlen:
@@ -146,14 +173,23 @@ def main(argv: list[str] | None = None) -> int:
             *ftlen_table(ftlen),
             "",
         ]
-    if feature:
-        lines += [
-            "Kept-channel feature distillation in the fine-tune of the default length (plain: the first length above):",
-            "",
-            *feature_table(feature, ftlen),
-            "",
-        ]
-    png = plot(ftlen, feature, args.md.with_name("recovery.png"))
+    studies = (
+        (feature, "feature distillation", "ft_feature_weight", "*",
+         "Kept-channel feature distillation in the fine-tune of the default length (plain: the first length above; "
+         "the weight chosen on validation):"),
+        (kd, "logit distillation", "ft_kd_alpha", "^",
+         "Logit distillation from the unpruned network in the fine-tune of the default length (loss (1 - alpha) CE + "
+         "alpha T^2 KL, T = 4; the alpha chosen on validation):"),
+        (gradual, "gradual", None, "D",
+         "Gradual pruning: 3 stages, relevance re-scored and BatchNorm re-estimated after each, the default fine-tune "
+         "length split evenly over the stages (a third after each stage), against one-shot pruning with the whole "
+         "fine-tune after it:"),
+    )  # fmt: skip
+    for rows, name, choice, _, text in studies:
+        if rows:
+            lines += [text, "", *variant_table(rows, ftlen, name, choice), ""]
+    variants = {name: (rows, marker) for rows, name, _, marker, _ in studies if rows}
+    png = plot(ftlen, variants, args.md.with_name("recovery.png"))
     if png is not None:
         lines.append(f"Plot: `benchmarks/results/{png.name}`.")
     args.md.write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import recovery as bench  # noqa: E402
 
 COLS = ["dataset", "method", "budget", "seed", "ft_epochs", "acc_base", "acc_finetuned", "val_acc_base",
-        "val_acc_finetuned", "ft_feature_weight"]  # fmt: skip
+        "val_acc_finetuned", "ft_feature_weight", "ft_kd_alpha", "schedule"]  # fmt: skip
 
 
 def _write(path, rows):
@@ -21,10 +21,10 @@ def _write(path, rows):
         w.writerows(rows)
 
 
-def _row(seed, epochs, acc_ft, weight=""):
+def _row(seed, epochs, acc_ft, weight="", alpha="", schedule="oneshot"):
     return {"dataset": "breastmnist", "method": "lrp", "budget": "0.85", "seed": seed, "ft_epochs": epochs,
             "acc_base": 0.80, "acc_finetuned": acc_ft, "val_acc_base": 0.90, "val_acc_finetuned": 0.85,
-            "ft_feature_weight": weight}  # fmt: skip
+            "ft_feature_weight": weight, "ft_kd_alpha": alpha, "schedule": schedule}  # fmt: skip
 
 
 def test_tables_and_plot(tmp_path):
@@ -33,12 +33,24 @@ def test_tables_and_plot(tmp_path):
     _write(
         feature, [_row(1, 8, 0.81, 3.0)]
     )  # one seed only: compared with plain seed 1 (drop 4.0), not the mean
+    kd, gradual = tmp_path / "kd.csv", tmp_path / "gradual.csv"
+    _write(kd, [_row(0, 8, 0.79, 0.0, 0.5), _row(1, 8, 0.77, 0.0, 0.9)])
+    # an iterative plain row must not be taken as the one-shot reference
+    _write(ftlen, [*bench.read(ftlen), _row(0, 8, 0.50, schedule="iterative")])
+    _write(gradual, [_row(0, 8, 0.80, schedule="iterative")])
     md = tmp_path / "rec.md"
-    assert bench.main(["--ftlen", str(ftlen), "--feature", str(feature), "--md", str(md)]) == 0
+    args = ["--ftlen", str(ftlen), "--feature", str(feature), "--kd", str(kd), "--gradual", str(gradual)]
+    assert bench.main([*args, "--md", str(md)]) == 0
     text = md.read_text()
     assert (
         "| breastmnist | lrp | 85% | 8 ep: **+3.0** / +5.0 (2 seeds) | 16 ep: **+0.5** / +5.0 (2 seeds) |"
         in text
     )
     assert "| breastmnist | lrp | 85% | 1 | +4.0 / +5.0 | **-1.0** / +5.0 | 3 |" in text
+    assert (
+        "| breastmnist | lrp | 85% | 2 | +3.0 / +5.0 | **+2.0** / +5.0 | 0.5, 0.9 |" in text
+    )  # distillation
+    assert (
+        "| breastmnist | lrp | 85% | 1 | +2.0 / +5.0 | **+0.0** / +5.0 |\n" in text
+    )  # gradual vs one-shot seed 0
     assert (tmp_path / "recovery.png").stat().st_size > 1000
