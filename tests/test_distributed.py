@@ -448,3 +448,100 @@ def test_explanation_consistency_under_ddp_equals_one_process_over_the_union():
     # the oracle is not trivially met: without the term the step lands elsewhere
     plain = _consistency_step(_plain_net(), union, 4, with_term=False)["state"]
     assert any(not torch.allclose(single["state"][n], plain[n], rtol=1e-3) for n in plain)
+
+
+def _feature_teacher(net: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    module = net.module if hasattr(net, "module") else net
+    teacher = copy.deepcopy(module)
+    with torch.no_grad():  # another teacher, so the term and its gradient are not zero
+        for p in teacher.parameters():
+            p.mul_(1.5).add_(0.1)
+    return teacher
+
+
+def _feature_step(net: torch.nn.Module, items: list[dict], batch: int, sampler=None) -> dict:
+    """One epoch of a SupervisedTrainer with the kept-channel feature term only (no map term, no pruning)."""
+    from monai.engines import SupervisedTrainer
+    from torch.utils.data import DataLoader
+
+    from monai_iaprune.handlers import ExplanationConsistencyHandler
+
+    module = net.module if hasattr(net, "module") else net
+    handler = ExplanationConsistencyHandler(weight=0.0, feature_weight=3.0, teacher=_feature_teacher(net))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(items, batch_size=batch, sampler=sampler, shuffle=False),
+        network=net,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.5),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[handler],
+    )
+    trainer.run()
+    return {"state": _state(module), "term": trainer.state.metrics.get("feature_distillation")}
+
+
+def _feature_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from monai.data import DistributedSampler
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        items = _items(4, 5)
+        out = _feature_step(DDP(_plain_net()), items, 2, DistributedSampler(items, shuffle=False))
+        torch.save(out, os.path.join(out_dir, f"feature_rank{rank}.pt"))
+        _all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_distillation_under_ddp_averages_the_ranks_terms():
+    """Under DDP the feature term is each rank's own (normalised over its shard) and DDP averages the gradients:
+    the step equals one process minimising CE over the union + 3 x the mean of the two shards' terms (a hand-written
+    SGD step with FeatureDistillationLoss), not the term over the union; every rank ends identical."""
+    from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_feature_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(d, f"feature_rank{r}.pt")) for r in range(2))
+    items = _items(4, 5)
+    student = _plain_net()
+    teacher = _feature_teacher(student).eval()
+    features = FeatureDistillationLoss(teacher, kept_channels(teacher))
+    features.attach(student)
+    shards = []
+    for rank in range(2):
+        sel = [items[i] for i in _shard_indices(4, rank)]
+        shards.append((torch.stack([s["image"] for s in sel]), torch.tensor([s["label"] for s in sel])))
+    terms, losses = [], []
+    for x, y in shards:
+        ce = torch.nn.functional.cross_entropy(student(x), y)
+        terms.append(features(x))
+        losses.append(ce + 3.0 * terms[-1])
+    torch.stack(losses).mean().backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.sub_(0.5 * p.grad)
+    features.detach()
+    for name, v in _state(student).items():
+        torch.testing.assert_close(r0["state"][name], v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r0["state"][name], r1["state"][name])
+    assert (
+        abs(r0["term"] - float(terms[0].detach())) < 1e-5
+        and abs(r1["term"] - float(terms[1].detach())) < 1e-5
+    )
+    # the oracle is not trivially met: the term over the union lands elsewhere
+    union = _plain_net()
+    union_features = FeatureDistillationLoss(teacher, kept_channels(teacher))
+    union_features.attach(union)
+    x, y = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
+    ce = torch.nn.functional.cross_entropy(union(x), y)
+    (ce + 3.0 * union_features(x)).backward()
+    with torch.no_grad():
+        for p in union.parameters():
+            p.sub_(0.5 * p.grad)
+    assert any(not torch.allclose(r0["state"][n], v, rtol=1e-4, atol=1e-6) for n, v in _state(union).items())

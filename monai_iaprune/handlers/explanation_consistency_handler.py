@@ -77,8 +77,9 @@ class ExplanationConsistencyHandler:
         explanation pass runs on the wrapped module and its gradients are all-reduced with the task loss's in
         the trainer's backward (each rank's term is the mean over its own shard, as the task loss is). The
         feature term costs one teacher forward per batch (the student's outputs come from the training forward);
-        under DDP its hooks sit on the wrapped module and each rank normalises it by its own shard (not tested
-        under DDP). The teacher is not part of ``state_dict``; after resuming past ``teacher_epoch`` pass
+        under DDP its hooks sit on the wrapped module, each rank normalises it by its own shard and DDP averages
+        the gradients: the step is that of the mean of the ranks' terms, not of the term over the union of the
+        shards (tested against a hand-written step, 2 processes). The teacher is not part of ``state_dict``; after resuming past ``teacher_epoch`` pass
         ``teacher`` explicitly.
     """
 
