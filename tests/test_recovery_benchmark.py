@@ -54,3 +54,21 @@ def test_tables_and_plot(tmp_path):
         "| breastmnist | lrp | 85% | 1 | +2.0 / +5.0 | **+0.0** / +5.0 |\n" in text
     )  # gradual vs one-shot seed 0
     assert (tmp_path / "recovery.png").stat().st_size > 1000
+
+
+def test_chosen_on_validation_never_looks_at_test():
+    """The pick is the smallest mean validation drop on the seeds all candidates share (ties: plain); the test drop
+    shown is the pick's, even where another candidate has a better test drop."""
+    plain = [_row(0, 8, 0.80), _row(1, 8, 0.80), _row(0, 16, 0.80)]  # default length 8; val drop 5
+    for r in plain:
+        r["schedule"] = "oneshot"
+    kd = [
+        dict(_row(s, 8, 0.70, alpha=0.5), val_acc_finetuned=0.88) for s in (0, 1)
+    ]  # val drop 2, test drop 10
+    feature = [dict(_row(s, 8, 0.82, 3.0), val_acc_finetuned=0.86) for s in (0, 1, 2)]  # val 4, test -2
+    lines = bench.chosen_table(plain, {"logit distillation": kd, "feature distillation": feature})
+    assert lines[2] == "| breastmnist | 85% | 2 | logit distillation | +2.0 | **+10.0** | not met |"
+    lines = bench.chosen_table(plain, {"feature distillation": feature})
+    assert lines[2] == "| breastmnist | 85% | 2 | feature distillation | +4.0 | **-2.0** | met |"
+    tie = [dict(_row(s, 8, 0.70, alpha=0.5)) for s in (0, 1)]  # val drop 5 = plain's: plain kept
+    assert bench.chosen_table(plain, {"logit distillation": tie})[2].split(" | ")[3] == "plain"
