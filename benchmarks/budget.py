@@ -239,11 +239,12 @@ class ClassificationTask:
         seed: int,
         extra_loss=None,
         teacher=None,
-        kd_alpha=0.0,
+        kd_alpha: float = 0.0,
+        lr: float = 1e-3,
     ) -> dict:
         return train(
             model, data["train"], data["val"], epochs, self.cfg["batch"], seed=seed, include_start=True,
-            extra_loss=extra_loss, teacher=teacher, kd_alpha=kd_alpha,
+            extra_loss=extra_loss, teacher=teacher, kd_alpha=kd_alpha, lr=lr,
         )  # fmt: skip
 
     def finetune_part(self, model: nn.Module, data: dict, epochs: float, seed: int) -> dict:
@@ -279,39 +280,40 @@ def finetune_variants(
     seed: int,
     feature_weights: Sequence[float] | None,
     kd_alphas: Sequence[float] | None,
-) -> tuple[nn.Module, float, float]:
+    lrs: Sequence[float] | None = None,
+) -> tuple[nn.Module, float, float, float]:
     """The recovery fine-tune at every combination of a kept-channel feature-distillation weight
-    (``pruning.feature_distillation``; 0 = off) and a logit-distillation alpha (``run.train``'s ``kd_alpha``, the
-    unpruned network as teacher; 0 = off), each from the same pruned weights and seed; returns the model whose best
-    epoch scores highest on VALIDATION (the task's score: ACC then AUC, or Dice), its feature weight and its alpha.
-    The test split is not looked at."""
+    (``pruning.feature_distillation``; 0 = off), a logit-distillation alpha (``run.train``'s ``kd_alpha``, the
+    unpruned network as teacher; 0 = off) and a peak learning rate (default the plain fine-tune's 1e-3), each from
+    the same pruned weights and seed; returns the model whose best epoch scores highest on VALIDATION (the task's
+    score: ACC then AUC, or Dice), its feature weight, alpha and learning rate. The test split is not looked at."""
     kept = kept_channels(unpruned, *histories) if feature_weights else None
-    best: tuple[tuple, nn.Module, float, float] | None = None
-    for w in feature_weights or [0.0]:
-        for alpha in kd_alphas or [0.0]:
-            m = copy.deepcopy(pruned)
-            teacher = copy.deepcopy(unpruned).eval()
-            loss = None
-            if w > 0:
-                loss = FeatureDistillationLoss(teacher, kept)
-                loss.attach(m)
+    best: tuple[tuple, nn.Module, float, float, float] | None = None
+    grid = [(w, a, lr) for w in feature_weights or [0.0] for a in kd_alphas or [0.0] for lr in lrs or [1e-3]]
+    for w, alpha, lr in grid:
+        m = copy.deepcopy(pruned)
+        teacher = copy.deepcopy(unpruned).eval()
+        loss = None
+        if w > 0:
+            loss = FeatureDistillationLoss(teacher, kept)
+            loss.attach(m)
 
-            def term(
-                model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor, w=w, loss=loss
-            ):
-                return w * loss(xb) if model.training and loss is not None else logits.new_zeros(())
+        def term(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor, w=w, loss=loss):
+            return w * loss(xb) if model.training and loss is not None else logits.new_zeros(())
 
-            try:
-                info = task.finetune(m, data, epochs, seed, extra_loss=term, teacher=teacher, kd_alpha=alpha)
-            finally:
-                if loss is not None:
-                    loss.detach()
-            score = (info["val_acc"], info.get("val_auc", float("nan")))
-            score = tuple(-1.0 if math.isnan(v) else v for v in score)
-            if best is None or score > best[0]:
-                best = (score, m, w, alpha)
+        try:
+            info = task.finetune(
+                m, data, epochs, seed, extra_loss=term, teacher=teacher, kd_alpha=alpha, lr=lr
+            )
+        finally:
+            if loss is not None:
+                loss.detach()
+        score = (info["val_acc"], info.get("val_auc", float("nan")))
+        score = tuple(-1.0 if math.isnan(v) else v for v in score)
+        if best is None or score > best[0]:
+            best = (score, m, w, alpha, lr)
     assert best is not None
-    return best[1], best[2], best[3]
+    return best[1], best[2], best[3], best[4]
 
 
 class Recovery:
@@ -407,7 +409,7 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     done = {row_key(r) for r in read_rows(csv_path)}
     preds = args.out / "budget_preds"
     # another fine-tune: its models must not replace the plain ones
-    variant = bool(args.ft_feature or args.ft_kd or args.recover_between)
+    variant = bool(args.ft_feature or args.ft_kd or args.ft_lr or args.recover_between)
     models = args.cache / ("budget_models_ft" if variant else "budget_models")
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
@@ -432,7 +434,9 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
             else:
                 budgets += [("latency", s) for s in args.speedups]
         ft_epochs = args.ft_epochs if args.ft_epochs is not None else task.ft_epochs
-        columns = COLUMNS + (["ft_feature_weight", "ft_kd_alpha", "recover_between"] if variant else [])
+        columns = COLUMNS + (
+            ["ft_feature_weight", "ft_kd_alpha", "ft_lr", "recover_between"] if variant else []
+        )
         for seed in args.seeds:
             todo = [
                 (meth, sch, kind, b)
@@ -511,19 +515,12 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 acc_pr, auc_pr = task.metrics(data["test"][1], p_pr)
                 vacc_pr, vauc_pr = task.metrics(data["val"][1], pv_pr)
                 t = time.perf_counter()
-                feature_weight = kd_alpha = ""
-                if args.ft_feature or args.ft_kd:
-                    m, feature_weight, kd_alpha = finetune_variants(
-                        task,
-                        m,
-                        model,
-                        [r.history for r in res],
-                        data,
-                        ft_epochs,
-                        seed,
-                        args.ft_feature,
-                        args.ft_kd,
-                    )
+                feature_weight = kd_alpha = ft_lr = ""
+                if args.ft_feature or args.ft_kd or args.ft_lr:
+                    m, feature_weight, kd_alpha, ft_lr = finetune_variants(
+                        task, m, model, [r.history for r in res], data, ft_epochs, seed, args.ft_feature,
+                        args.ft_kd, args.ft_lr,
+                    )  # fmt: skip
                 elif args.recover_between and sch == "iterative":  # what the recoveries left of the fine-tune
                     task.finetune_part(m, data, ft_epochs - recover.spent, seed)
                 else:
@@ -557,7 +554,11 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                     "model_file": str(mfile.relative_to(args.cache)),
                 }  # fmt: skip
                 if variant:
-                    row["ft_feature_weight"], row["ft_kd_alpha"] = feature_weight, kd_alpha
+                    row["ft_feature_weight"], row["ft_kd_alpha"], row["ft_lr"] = (
+                        feature_weight,
+                        kd_alpha,
+                        ft_lr,
+                    )
                     row["recover_between"] = bool(args.recover_between and sch == "iterative")
                 append_row(csv_path, row, columns)
                 done.add(row_key(row))
@@ -1149,6 +1150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fine-tune with logit distillation from the unpruned network (loss (1 - ALPHA) CE + ALPHA "
                    "T^2 KL, T = 4) at each ALPHA in (0, 1] (with --ft-feature: every combination), keeping the best "
                    "on validation (column ft_kd_alpha); use another --out. Classification only")  # fmt: skip
+    p.add_argument("--ft-lr", nargs="+", type=float, default=None, metavar="LR",
+                   help="fine-tune at each peak learning rate LR (the plain fine-tune's is 1e-3; with --ft-feature / "
+                   "--ft-kd: every combination), keeping the best on validation (column ft_lr); use another --out")  # fmt: skip
     p.add_argument("--recover-between", action="store_true",
                    help="iterative schedule: gradual pruning, the fine-tune's epochs split evenly over the stages "
                    "(a recovery fine-tune after each stage but the last, the rest after the last: the same total "
@@ -1184,10 +1188,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(
                 "--recover-between: gradual pruning is benchmarked on the classification datasets, not membrane"
             )
-        if args.ft_feature or args.ft_kd:
+        if args.ft_feature or args.ft_kd or args.ft_lr:
             p.error(
-                "--recover-between: not combined with --ft-feature / --ft-kd (one fine-tune variant per run)"
+                "--recover-between: not combined with --ft-feature / --ft-kd / --ft-lr (one fine-tune variant)"
             )
+    if args.ft_lr is not None and any(not lr > 0 for lr in args.ft_lr):
+        p.error(f"--ft-lr: every LR must be > 0, got {args.ft_lr}")
     if args.cache is None:
         args.cache = CACHE if args.out.resolve() == RESULTS.resolve() else args.out / "cache"
     args.command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)

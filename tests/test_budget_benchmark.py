@@ -85,6 +85,7 @@ def test_budget_benchmark_distillation_finetune(tmp_path):
         (["--ft-kd", "0.5", "--datasets", "membrane"], "membrane"),
         (["--recover-between", "--datasets", "membrane"], "membrane"),
         (["--recover-between", "--ft-kd", "0.5"], "one fine-tune variant"),
+        (["--ft-lr", "0"], "--ft-lr"),
     ):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "budget.py"), "--out", str(tmp_path / "bad"), *bad],
