@@ -9,6 +9,8 @@ re-calibrated, then the recovery fine-tune) for these studies and writes ``recov
   unpruned network (``budget.py --ft-feature 1 3 10``: the weight chosen on validation ACC per row);
 - ``--kd CSV``: the same with logit distillation from the unpruned network (``budget.py --ft-kd 0.5 0.9``: the
   alpha chosen on validation ACC per row);
+- ``--lr CSV``: the plain fine-tune at peak learning rates 3e-4 / 1e-3 / 3e-3 (``budget.py --ft-lr 3e-4 1e-3 3e-3``,
+  the rate chosen on validation);
 - ``--feature-kd CSV``: both (``budget.py --ft-feature 1 3 10 --ft-kd 0.9``, the weight chosen on validation);
 - ``--gradual CSV``: gradual pruning, 3 re-scored stages with the same fine-tune length split over them
   (``budget.py --schedules iterative --recover-between``), against the one-shot rows of the plain fine-tune.
@@ -18,7 +20,8 @@ Drops are test (and validation) ACC points of the base model minus the fine-tune
 
     python benchmarks/recovery.py --ftlen benchmarks/results/budget_ftlen.csv \\
         --feature benchmarks/results/budget_feature.csv --kd benchmarks/results/budget_kd.csv \\
-        --feature-kd benchmarks/results/budget_feature_kd.csv --gradual benchmarks/results/budget_gradual.csv
+        --feature-kd benchmarks/results/budget_feature_kd.csv --gradual benchmarks/results/budget_gradual.csv \\
+        --lr benchmarks/results/budget_ftlr.csv
 
 The last table picks, per dataset and budget, the recovery with the smallest mean VALIDATION drop for LRP (the
 attribution configuration of the budget benchmark) among the plain fine-tune of the default length and the variants,
@@ -196,14 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kd", type=Path, default=RESULTS / "budget_kd.csv")
     p.add_argument("--feature-kd", type=Path, default=RESULTS / "budget_feature_kd.csv")
     p.add_argument("--gradual", type=Path, default=RESULTS / "budget_gradual.csv")
+    p.add_argument("--lr", type=Path, default=RESULTS / "budget_ftlr.csv")
     p.add_argument("--md", type=Path, default=RESULTS / "recovery.md")
     args = p.parse_args(argv)
     ftlen, feature, kd, gradual = read(args.ftlen), read(args.feature), read(args.kd), read(args.gradual)
-    feature_kd = read(args.feature_kd)
+    feature_kd, ftlr = read(args.feature_kd), read(args.lr)
     ftlen = [r for r in ftlen if r.get("schedule", "oneshot") == "oneshot"]  # the length study is one-shot
-    if not (ftlen or feature or kd or feature_kd or gradual):
+    if not (ftlen or feature or kd or feature_kd or gradual or ftlr):
         raise SystemExit(
-            f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.feature_kd}, {args.gradual} has rows"
+            f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.feature_kd}, {args.gradual}, {args.lr} has rows"
         )
     command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", ""]
@@ -224,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
          "alpha T^2 KL, T = 4; the alpha chosen on validation):"),
         (feature_kd, "feature + logit distillation", "ft_feature_weight", "P",
          "Both: feature distillation (weight chosen on validation) with logit distillation (alpha 0.9):"),
+        (ftlr, "learning rate", "ft_lr", "v",
+         "The plain fine-tune's peak learning rate (OneCycle; default 1e-3) chosen on validation among 3e-4, 1e-3, "
+         "3e-3:"),
         (gradual, "gradual", None, "D",
          "Gradual pruning: 3 stages, relevance re-scored and BatchNorm re-estimated after each, the default fine-tune "
          "length split evenly over the stages (a third after each stage), against one-shot pruning with the whole "

@@ -40,6 +40,12 @@ def test_tables_and_plot(tmp_path):
     _write(gradual, [_row(0, 8, 0.80, schedule="iterative")])
     md = tmp_path / "rec.md"
     args = ["--ftlen", str(ftlen), "--feature", str(feature), "--kd", str(kd), "--gradual", str(gradual)]
+    args += [
+        "--feature-kd",
+        str(tmp_path / "none.csv"),
+        "--lr",
+        str(tmp_path / "none.csv"),
+    ]  # absent: no table
     assert bench.main([*args, "--md", str(md)]) == 0
     text = md.read_text()
     assert (
