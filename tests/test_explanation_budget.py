@@ -57,9 +57,11 @@ def test_returns_the_largest_ratio_at_or_above_the_threshold():
     assert again["spearman_median"] == pytest.approx(loose.agreement, abs=1e-6)
     # never below the threshold: asking for more than any candidate reached raises and names the best
     best = max(a for _, a in loose.tried)
-    with pytest.raises(AgreementNotReached, match="best reached was"):
-        prune_to_min_agreement(net, rel, (x, y), 1.0, "ig", (0.2,), "channels", map_kwargs={"n_steps": 4})
+    with pytest.raises(AgreementNotReached, match="best reached was") as err:
+        prune_to_min_agreement(net, rel, (x, y), 1.0, "ig", (0.3, 0.2), "channels", map_kwargs={"n_steps": 4})
     assert best <= 1.0
+    # the exception carries every candidate it measured, largest first, each below the threshold
+    assert [r for r, _ in err.value.tried] == [0.3, 0.2] and all(a < 1.0 for _, a in err.value.tried)
     # the input model is left unpruned
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in tiny_resnet().parameters())
 

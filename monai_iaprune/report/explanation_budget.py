@@ -33,7 +33,15 @@ DEFAULT_RATIOS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 class AgreementNotReached(ValueError):
-    """No candidate ratio keeps the explanation agreement at the threshold."""
+    """No candidate ratio keeps the explanation agreement at the threshold.
+
+    Attributes:
+        tried: ``[(ratio, median Spearman)]`` of every candidate evaluated, largest ratio first.
+    """
+
+    def __init__(self, message: str, tried: list[tuple[float, float]] | None = None):
+        super().__init__(message)
+        self.tried = list(tried or [])
 
 
 @dataclass
@@ -198,7 +206,8 @@ def prune_to_min_agreement(
     raise AgreementNotReached(
         f"no pruning ratio in {cands} keeps the median Spearman agreement of {explainer} maps >= "
         f"{min_agreement}: the best reached was {best[0]:.4f} at ratio {best[1]} "
-        f"(target={target!r}, {x.shape[0]} validation samples); lower min_agreement or try smaller ratios"
+        f"(target={target!r}, {x.shape[0]} validation samples); lower min_agreement or try smaller ratios",
+        tried,
     )
 
 
