@@ -389,22 +389,41 @@ def _plain_net() -> torch.nn.Module:
     )
 
 
-def _consistency_step(
-    net: torch.nn.Module, items: list[dict], batch: int, sampler=None, with_term: bool = True
-) -> dict:
+def _other_teacher(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net``'s module with other weights, so the terms and their gradients are not zero."""
     import copy
 
+    module = net.module if hasattr(net, "module") else net
+    teacher = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(1.5).add_(0.1)
+    return teacher
+
+
+# the handler's settings and its metric: the explanation-map term, or the kept-channel feature term alone
+TERMS = {
+    "map": ({"weight": 2.0}, "explanation_consistency"),
+    "feature": ({"weight": 0.0, "feature_weight": 3.0}, "feature_distillation"),
+}
+
+
+def _consistency_step(
+    net: torch.nn.Module,
+    items: list[dict],
+    batch: int,
+    sampler=None,
+    with_term: bool = True,
+    kind: str = "map",
+) -> dict:
     from monai.engines import SupervisedTrainer
     from torch.utils.data import DataLoader
 
     from monai_iaprune.handlers import ExplanationConsistencyHandler
 
     module = net.module if hasattr(net, "module") else net
-    teacher = copy.deepcopy(module)
-    with torch.no_grad():  # another teacher, so the term and its gradient are not zero
-        for p in teacher.parameters():
-            p.mul_(1.5).add_(0.1)
-    handler = ExplanationConsistencyHandler(weight=2.0, teacher=teacher)
+    settings, metric = TERMS[kind]
+    handler = ExplanationConsistencyHandler(**settings, teacher=_other_teacher(net))
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
@@ -415,10 +434,10 @@ def _consistency_step(
         train_handlers=[handler] if with_term else [],
     )
     trainer.run()
-    return {"state": _state(module), "term": trainer.state.metrics.get("explanation_consistency")}
+    return {"state": _state(module), "term": trainer.state.metrics.get(metric)}
 
 
-def _consistency_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _consistency_worker(rank: int, world: int, port: int, out_dir: str, kind: str = "map") -> None:
     from monai.data import DistributedSampler
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -427,8 +446,10 @@ def _consistency_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         items = _items(4, 5)
-        out = _consistency_step(DDP(_plain_net()), items, 2, DistributedSampler(items, shuffle=False))
-        torch.save(out, os.path.join(out_dir, f"consistency_rank{rank}.pt"))
+        out = _consistency_step(
+            DDP(_plain_net()), items, 2, DistributedSampler(items, shuffle=False), kind=kind
+        )
+        torch.save(out, os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
         _all_done()
     finally:
         dist.destroy_process_group()
@@ -437,7 +458,7 @@ def _consistency_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_explanation_consistency_under_ddp_equals_one_process_over_the_union():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_consistency_worker, args=(2, _free_port(), d), nprocs=2, join=True)
-        r0, r1 = (torch.load(os.path.join(d, f"consistency_rank{r}.pt")) for r in range(2))
+        r0, r1 = (torch.load(os.path.join(d, f"map_rank{r}.pt")) for r in range(2))
     items = _items(4, 5)
     union = [items[i] for i in _shard_indices(4, 0) + _shard_indices(4, 1)]
     single = _consistency_step(_plain_net(), union, 4)
@@ -450,55 +471,6 @@ def test_explanation_consistency_under_ddp_equals_one_process_over_the_union():
     assert any(not torch.allclose(single["state"][n], plain[n], rtol=1e-3) for n in plain)
 
 
-def _feature_teacher(net: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    module = net.module if hasattr(net, "module") else net
-    teacher = copy.deepcopy(module)
-    with torch.no_grad():  # another teacher, so the term and its gradient are not zero
-        for p in teacher.parameters():
-            p.mul_(1.5).add_(0.1)
-    return teacher
-
-
-def _feature_step(net: torch.nn.Module, items: list[dict], batch: int, sampler=None) -> dict:
-    """One epoch of a SupervisedTrainer with the kept-channel feature term only (no map term, no pruning)."""
-    from monai.engines import SupervisedTrainer
-    from torch.utils.data import DataLoader
-
-    from monai_iaprune.handlers import ExplanationConsistencyHandler
-
-    module = net.module if hasattr(net, "module") else net
-    handler = ExplanationConsistencyHandler(weight=0.0, feature_weight=3.0, teacher=_feature_teacher(net))
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=DataLoader(items, batch_size=batch, sampler=sampler, shuffle=False),
-        network=net,
-        optimizer=torch.optim.SGD(module.parameters(), lr=0.5),
-        loss_function=torch.nn.CrossEntropyLoss(),
-        train_handlers=[handler],
-    )
-    trainer.run()
-    return {"state": _state(module), "term": trainer.state.metrics.get("feature_distillation")}
-
-
-def _feature_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from monai.data import DistributedSampler
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        items = _items(4, 5)
-        out = _feature_step(DDP(_plain_net()), items, 2, DistributedSampler(items, shuffle=False))
-        torch.save(out, os.path.join(out_dir, f"feature_rank{rank}.pt"))
-        _all_done()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_feature_distillation_under_ddp_averages_the_ranks_terms():
     """Under DDP the feature term is each rank's own (normalised over its shard) and DDP averages the gradients:
     the step equals one process minimising CE over the union + 3 x the mean of the two shards' terms (a hand-written
@@ -506,11 +478,11 @@ def test_feature_distillation_under_ddp_averages_the_ranks_terms():
     from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_feature_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        mp.spawn(_consistency_worker, args=(2, _free_port(), d, "feature"), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(d, f"feature_rank{r}.pt")) for r in range(2))
     items = _items(4, 5)
     student = _plain_net()
-    teacher = _feature_teacher(student).eval()
+    teacher = _other_teacher(student).eval()
     features = FeatureDistillationLoss(teacher, kept_channels(teacher))
     features.attach(student)
     shards = []
