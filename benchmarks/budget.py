@@ -1192,8 +1192,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(
                 "--recover-between: not combined with --ft-feature / --ft-kd / --ft-lr (one fine-tune variant)"
             )
-    if args.ft_lr is not None and any(not lr > 0 for lr in args.ft_lr):
-        p.error(f"--ft-lr: every LR must be > 0, got {args.ft_lr}")
+    if args.ft_lr is not None:
+        if any(not lr > 0 for lr in args.ft_lr):
+            p.error(f"--ft-lr: every LR must be > 0, got {args.ft_lr}")
+        if "membrane" in args.datasets:
+            p.error("--ft-lr: for the classification datasets (membrane keeps its own learning rate)")
     if args.cache is None:
         args.cache = CACHE if args.out.resolve() == RESULTS.resolve() else args.out / "cache"
     args.command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)

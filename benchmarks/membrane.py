@@ -172,18 +172,14 @@ class SegmentationTask:
         )  # fmt: skip
 
     def finetune(
-        self,
-        model: nn.Module,
-        data: dict,
-        epochs: int,
-        seed: int,
-        extra_loss=None,
-        teacher=None,
-        kd_alpha=0.0,
+        self, model: nn.Module, data: dict, epochs: int, seed: int, extra_loss=None, **variant
     ) -> dict:
-        if kd_alpha:
+        """The recovery fine-tune (``self.train`` from the pruned weights). ``variant``: ``budget.py``'s fine-tune
+        settings; only their plain values are accepted here (no logit distillation for segmentation; its own
+        learning rate, ``cfg["lr"]``)."""
+        if variant.get("kd_alpha") or variant.get("lr", 1e-3) != 1e-3:
             raise ValueError(
-                "membrane fine-tune: logit distillation (kd_alpha) is not defined for segmentation here"
+                f"membrane fine-tune: {variant} not available for segmentation (no logit distillation, own lr)"
             )
         return self.train(model, data, epochs, seed, include_start=True, extra_loss=extra_loss)
 
