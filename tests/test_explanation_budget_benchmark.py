@@ -9,17 +9,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import MEDMNIST, ROOT, require_file
 
 SCRIPT = ROOT / "benchmarks" / "explanation_budget.py"
 
 
-def _run(*args, check=True):
+def _run(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -42,18 +42,27 @@ def test_explanation_budget_benchmark_smoke(tmp_path):
             assert 0 < float(r["macs_removed"]) < 1
         else:  # not reached: every budget tried stayed below it, and the row says so
             assert all(a < float(t) for _, a in tried) and len(tried) == 9 and "best reached" in r["note"]
-    # rerun: nothing appended; --report alone rebuilds the tables
-    _run(*args)
+    # rerun: nothing appended, the tables printed again; --report alone rebuilds them from the CSV
+    out = _run(*args).stdout
     with (tmp_path / "explanation_budget.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 2
-    out = _run("--report", "--out", str(tmp_path)).stdout
     assert (
         "| breastmnist | lrp | 0.05 | 1 |" in out
         and (tmp_path / "explanation_budget.png").stat().st_size > 1000
     )
+    (tmp_path / "explanation_budget.md").unlink()
+    assert bench().main(["--report", "--out", str(tmp_path)]) == 0
+    assert "| breastmnist | lrp | 0.99 | 1 |" in (tmp_path / "explanation_budget.md").read_text()
 
 
-def test_explanation_budget_benchmark_refuses_bad_thresholds(tmp_path):
-    proc = _run("--thresholds", "1.5", "--out", str(tmp_path), check=False)
-    assert proc.returncode == 2 and "min_agreement must lie in (0, 1]" in proc.stderr
-    assert not (tmp_path / "explanation_budget.csv").exists()
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import explanation_budget
+
+    return explanation_budget
+
+
+def test_explanation_budget_benchmark_refuses_bad_thresholds(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        bench().parse_args(["--thresholds", "1.5", "--out", str(tmp_path)])
+    assert err.value.code == 2 and "min_agreement must lie in (0, 1]" in capsys.readouterr().err
