@@ -94,7 +94,7 @@ from monai_iaprune.pruning import (  # noqa: E402
     recalibrate_batchnorm,
     save_pruned,
 )
-from monai_iaprune.pruning.depth import latency_table_for  # noqa: E402
+from monai_iaprune.pruning.depth import DepthBudgetUnreachable, latency_table_for  # noqa: E402
 from monai_iaprune.relevance import channel_relevance  # noqa: E402
 from monai_iaprune.relevance.blocks import block_relevance  # noqa: E402
 
@@ -161,14 +161,21 @@ def prune_mode(
     if mode in ("depth", "both"):
         part = b if mode == "depth" else _split(kind, b)
         brel = block_relevance(m, cal, method, **rel_kw)
-        if kind == "latency":
-            res = prune_depth(m, brel, target="latency", speedup=part, latency_table=table, example_inputs=x1,
-                              min_blocks_per_stage=min_blocks)  # fmt: skip
-            info["depth_speedup_estimated"] = res.latency_estimated_speedup
-        else:
-            res = prune_depth(
-                m, brel, part, target="macs", example_inputs=x1, min_blocks_per_stage=min_blocks
+        try:
+            res = _depth(m, brel, kind, part, x1, table, min_blocks)
+        except DepthBudgetUnreachable as e:
+            if mode == "depth":
+                raise
+            # ``both``: depth's half of the budget is more than whole blocks hold; take all depth can give
+            share = e.reachable * (1 - 1e-9)
+            res = _depth(
+                m, brel, kind, 1 / (1 - share) if kind == "latency" else share, x1, table, min_blocks
             )
+            info["note"] = (
+                f"depth part capped at {e.reachable:.3f} of {kind} (asked {1 - 1 / part if kind == 'latency' else part:.3f})"
+            )
+        if kind == "latency":
+            info["depth_speedup_estimated"] = res.latency_estimated_speedup
         info["blocks_removed"] = len(res.removed)
         if recalibrate and cal:
             recalibrate_batchnorm(m, cal)
@@ -186,6 +193,13 @@ def prune_mode(
     if table is not None:
         info["speedup_estimated"] = _estimate(table, m)
     return info
+
+
+def _depth(m, brel, kind, part, x1, table, min_blocks):
+    if kind == "latency":
+        return prune_depth(m, brel, target="latency", speedup=part, latency_table=table, example_inputs=x1,
+                           min_blocks_per_stage=min_blocks)  # fmt: skip
+    return prune_depth(m, brel, part, target="macs", example_inputs=x1, min_blocks_per_stage=min_blocks)
 
 
 def _estimate(table: Any, m: nn.Module) -> float:
@@ -513,6 +527,55 @@ def verdict(rows: list[dict], datasets: list[str], methods: list[str], speed: fl
     return "\n".join(lines), data
 
 
+ATTRIBUTION = ("lrp", "ig", "dlb")
+MACS_GOAL = (0.85, 0.9)  # issue #17 goal (b): <= 0.5 pt mean test-ACC drop after the short fine-tune
+
+
+def equal_macs(rows: list[dict], datasets: list[str], methods: list[str]) -> tuple[str, dict]:
+    """Depth + width vs width-only at 85 / 90 % of MACs removed (issue #17, goal (b)), seed means.
+
+    The attribution configuration (criterion x mode) is chosen on mean VALIDATION ACC after the fine-tune over
+    datasets, both budgets and seeds, as ``budget.py`` chooses its (b) configuration; the test split never enters.
+    """
+    sel = {(r["dataset"], r["method"], r["mode"], round(float(r["budget"]), 2)): [] for r in rows}
+    for r in rows:
+        if r["budget_kind"] == "macs" and r["mode"] in ("width", "both") and r["acc_finetuned"]:
+            sel[(r["dataset"], r["method"], r["mode"], round(float(r["budget"]), 2))].append(r)
+    lines = ["| dataset | method | MACs removed (requested / reached) | mode | seeds | ACC base | ACC no ft | "
+             "ACC fine-tuned | drop after ft (pt) | speed-up measured | val ACC fine-tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    configs: dict[tuple[str, str], list[float]] = {}
+    for d in datasets:
+        for m in methods:
+            for b in MACS_GOAL:
+                for mode in ("width", "both"):
+                    v = sel.get((d, m, mode, b), [])
+                    if not v:
+                        continue
+                    drop = 100 * (_mean(v, "acc_base") - _mean(v, "acc_finetuned"))
+                    lines.append(
+                        f"| {d} | {m} | {b:.0%} / {_mean(v, 'macs_removed'):.3f} | {mode} | {len(v)} | "
+                        f"{_mean(v, 'acc_base'):.3f} | {_mean(v, 'acc_pruned'):.3f} | {_mean(v, 'acc_finetuned'):.3f} | "
+                        f"{drop:+.1f} | {_cell(_mean(v, 'speedup_measured'), '.2f')} | {_mean(v, 'val_acc_finetuned'):.3f} |"
+                    )  # fmt: skip
+                    if m in ATTRIBUTION:
+                        configs.setdefault((m, mode), []).extend(_float(r["val_acc_finetuned"]) for r in v)
+    full = {k: v for k, v in configs.items() if len(v) == len(datasets) * len(MACS_GOAL) * 3}
+    data: dict[str, Any] = {"budgets": list(MACS_GOAL), "chosen": None, "drops": {}}
+    if not full:
+        lines += ["", "No attribution configuration has every dataset, budget and 3 seeds yet: no verdict."]
+        return "\n".join(lines), data
+    m, mode = max(full, key=lambda k: float(np.mean(full[k])))
+    drops = {f"{d} {b:.0%}": 100 * (_mean(v, "acc_base") - _mean(v, "acc_finetuned"))
+             for d in datasets for b in MACS_GOAL if (v := sel.get((d, m, mode, b)))}  # fmt: skip
+    met = all(x <= 0.5 for x in drops.values())
+    data.update(chosen=[m, mode], drops=drops, met=met)
+    lines += ["", f"Chosen on validation among {', '.join(ATTRIBUTION)} x width / both: **{m} {mode}**; test drops "
+              + ", ".join(f"{k} {x:+.1f} pt" for k, x in drops.items())
+              + f". **Goal (b) {'met' if met else 'not met'}** by this configuration."]  # fmt: skip
+    return "\n".join(lines), data
+
+
 def _cell(v: float, fmt: str = ".3f") -> str:
     return format(v, fmt) if math.isfinite(v) else "-"
 
@@ -605,8 +668,11 @@ def phase_report(args: argparse.Namespace) -> str:
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in med)]
     va, da = verdict(med, datasets, methods, args.speed)
     vb, db = nets3d_table(n3d)
+    vc, dc = equal_macs(med, datasets, methods)
     files = plot(med, datasets, args.out)
-    (args.out / "depth_verdicts.json").write_text(json.dumps({"equal_latency": da, "nets3d": db}, indent=1))
+    (args.out / "depth_verdicts.json").write_text(
+        json.dumps({"equal_latency": da, "nets3d": db, "equal_macs": dc}, indent=1)
+    )
     info = args.out / "depth_run_info.json"
     cmds = [r["command"] for r in (json.loads(info.read_text()) if info.exists() else []) if r["rows_added"]]
     lat = args.out / "depth_latency_info.json"
@@ -627,13 +693,17 @@ def phase_report(args: argparse.Namespace) -> str:
         + ". GPU latency: no GPU was lent to this task. Report: `python benchmarks/depth.py --phase report`.",
         "Width = channels (`prune_step`, one-shot, the rows of `budget.csv` where they exist); depth = whole residual "
         "blocks (`block_relevance` with the same criterion -> `prune_depth`, one block per stage kept); both = depth to "
-        "half the budget in log space, then width to the total. BatchNorm re-estimated after each step; fine-tune = "
+        "half the budget in log space (capped at what whole blocks hold), then width to the total. BatchNorm re-estimated after each step; fine-tune = "
         "the dataset's short fine-tune (budget.py's). Estimated speed-ups come from the base model's per-layer latency "
         "table (layers of removed blocks cost 0 s; their norms / activations stay in the constant overhead, so depth's "
         "estimate is low). Rows per dataset and seed below the full grid: "
         + ("; ".join(missing) or "none") + ". Budgets a mode cannot reach (row with the reachable figure in `note`): "
         + ("; ".join(unreached) or "none") + ".",
         f"### Equal CPU latency ({args.speed:g}x), MedMNIST\n\n" + va,
+        "### Equal MACs (85 / 90 % removed), after the short fine-tune: depth + width vs width-only (issue #17, "
+        "goal (b))\n\nBoth = every removable block (one per stage kept; depth's half of the budget is more than the "
+        "blocks hold), then channels to the total; width rows are `budget.csv`'s one-shot rows. Drop = seed-mean base "
+        "ACC minus seed-mean fine-tuned ACC.\n\n" + vc,
         "### 3D networks (untrained, magnitude scores): latency gain vs MACs gain\n\n" + vb,
         "Plots (test ACC vs CPU speed-up per mode): " + ", ".join(f"`benchmarks/results/{f}`" for f in files) + ".",
     ])  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,12 @@ from torch import nn
 
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import apply_pruned_structure, load_pruned, safe_load, save_pruned
-from monai_iaprune.pruning.depth import prune_depth, removed_block_names, replay_removed_blocks
+from monai_iaprune.pruning.depth import (
+    DepthBudgetUnreachable,
+    prune_depth,
+    removed_block_names,
+    replay_removed_blocks,
+)
 from monai_iaprune.relevance.blocks import (
     RemovedBlock,
     block_relevance,
@@ -268,8 +275,16 @@ def test_ratio_that_empties_a_stage_is_refused():
     share = sum(p.numel() for n in rel for p in net.get_submodule(n).parameters()) / sum(
         p.numel() for p in net.parameters()
     )
-    with pytest.raises(ValueError, match="layer1"):
+    with pytest.raises(DepthBudgetUnreachable, match="layer1") as err:
         prune_depth(net, rel, ratio=0.99 * share, example_inputs=x[:1])
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
+    # what one block of layer1 holds: the most that may go with min_blocks_per_stage=1
+    one = sum(p.numel() for p in net.get_submodule(min(rel, key=rel.get)).parameters())
+    assert err.value.reachable == pytest.approx(one / sum(p.numel() for p in net.parameters()))
+    capped = copy.deepcopy(net)
+    got = prune_depth(capped, rel, ratio=err.value.reachable * (1 - 1e-9), example_inputs=x[:1])
+    assert got.removed == [min(rel, key=rel.get)]
+    assert 1 - got.params_after / got.params_before == pytest.approx(err.value.reachable)
     result = prune_depth(net, rel, ratio=0.99 * share, example_inputs=x[:1], min_blocks_per_stage=0)
     assert sorted(result.removed) == ["layer1.0", "layer1.1"] and result.stages["layer1"] == (2, 0)
     assert _first(net(x)).shape == (2, 3)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import MEDMNIST, ROOT, require_file
 
 REQUIRED = (
@@ -82,3 +83,37 @@ def test_depth_benchmark_smoke(tmp_path):
     assert out.count("[latency] breastmnist") == 2 and "nothing written" in out
     md = _run(tmp_path, "--phase", "report", "--speed", "1.3")
     assert "Equal CPU latency (1.3x)" in md and (tmp_path / "depth_breastmnist.png").exists()
+
+
+def _macs_row(d, method, mode, b, seed, base, ft, val):
+    return {"dataset": d, "method": method, "mode": mode, "budget_kind": "macs", "budget": str(b),
+            "seed": str(seed), "acc_base": str(base), "acc_pruned": "0.7", "acc_finetuned": str(ft),
+            "val_acc_finetuned": str(val), "macs_removed": str(b), "speedup_measured": "2.0"}  # fmt: skip
+
+
+def test_equal_macs_chooses_on_validation_and_judges_on_test():
+    """The (b) table: the configuration with the best VALIDATION ACC is judged, even when another has better test
+    ACC; the goal is met only when every dataset x budget drops <= 0.5 pt."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import depth
+
+    datasets = ["breastmnist", "pneumoniamnist"]
+    rows = []
+    for d in datasets:
+        for b in depth.MACS_GOAL:
+            for s in range(3):
+                # lrp width: best validation, test drop 0.4 pt; ig both: better test, worse validation
+                rows.append(_macs_row(d, "lrp", "width", b, s, 0.85, 0.846, 0.9))
+                rows.append(_macs_row(d, "ig", "both", b, s, 0.85, 0.86, 0.8))
+                rows.append(
+                    _macs_row(d, "taylor", "width", b, s, 0.85, 0.99, 0.99)
+                )  # a reference: never chosen
+    md, data = depth.equal_macs(rows, datasets, ["lrp", "ig", "taylor"])
+    assert data["chosen"] == ["lrp", "width"] and data["met"] is True
+    assert data["drops"]["breastmnist 85%"] == pytest.approx(0.4)
+    rows[0]["acc_finetuned"] = "0.80"  # one seed of breastmnist 85 %: the seed mean drops 1.9 pt
+    md, data = depth.equal_macs(rows, datasets, ["lrp", "ig", "taylor"])
+    assert data["met"] is False and data["drops"]["breastmnist 85%"] == pytest.approx(1.93, abs=0.01)
+    assert "**Goal (b) not met**" in md
+    _, data = depth.equal_macs(rows[1:], datasets, ["lrp", "ig", "taylor"])  # lrp width misses a seed
+    assert data["chosen"] == ["ig", "both"]

@@ -4,7 +4,12 @@ optimizer remap, pruned checkpoints, deployment exports and inference clean-up."
 from monai_iaprune.pruning.batchnorm import recalibrate_batchnorm
 from monai_iaprune.pruning.checkpoint import export_torchscript, load_pruned, save_pruned
 from monai_iaprune.pruning.cost import ChannelCost, channel_costs
-from monai_iaprune.pruning.depth import DepthPruneResult, prune_depth, removed_block_names
+from monai_iaprune.pruning.depth import (
+    DepthBudgetUnreachable,
+    DepthPruneResult,
+    prune_depth,
+    removed_block_names,
+)
 from monai_iaprune.pruning.explanation_consistency import ExplanationConsistencyLoss, map_distance
 from monai_iaprune.pruning.export import export_onnx, export_torch_export
 from monai_iaprune.pruning.feature_distillation import FeatureDistillationLoss, kept_channels
@@ -35,6 +40,7 @@ from monai_iaprune.pruning.speed import (
 )
 
 __all__ = [
+    "DepthBudgetUnreachable",
     "DepthPruneResult",
     "prune_depth",
     "removed_block_names",

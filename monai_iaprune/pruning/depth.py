@@ -35,6 +35,7 @@ from monai_iaprune.relevance.blocks import (
 )
 
 __all__ = [
+    "DepthBudgetUnreachable",
     "DepthPruneResult",
     "latency_table_for",
     "prune_depth",
@@ -61,6 +62,20 @@ _PASS_TYPES = (
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.dropout._DropoutNd,
 )
+
+
+class DepthBudgetUnreachable(ValueError):
+    """``prune_depth``'s ratio / speed-up needs more blocks than may be removed.
+
+    Attributes:
+        reachable: the share of the target that removing every allowed block would save (``ratio`` units; for
+            ``target="latency"`` the share of the estimated seconds). ``prune_depth`` with a ratio just below it
+            removes exactly those blocks, e.g. the depth part of a depth + width budget capped at what depth can do.
+    """
+
+    def __init__(self, reachable: float, message: str) -> None:
+        super().__init__(message)
+        self.reachable = float(reachable)
 
 
 @dataclass
@@ -366,7 +381,7 @@ def prune_depth(
     Raises:
         ValueError: no removable block; a relevance entry that names no removable block; a ratio out of range or
             one that cannot be reached without leaving a stage with fewer than ``min_blocks_per_stage`` blocks
-            (the stage is named); an unknown target.
+            (the stage is named; ``DepthBudgetUnreachable``, carrying the reachable share); an unknown target.
     """
     if target not in ("params", "macs", "latency"):
         raise ValueError(f"target must be 'params', 'macs' or 'latency', got {target!r}")
@@ -448,7 +463,8 @@ def prune_depth(
                 if stages
                 else "the removable blocks do not hold that much"
             )
-            raise ValueError(
+            raise DepthBudgetUnreachable(
+                saved / base,
                 f"depth ratio {ratio} of {target} cannot be reached by removing blocks of {type(model).__name__} "
                 f"(at most {saved / base:.3f}"
                 + (
@@ -456,7 +472,7 @@ def prune_depth(
                     if target == "latency"
                     else ""
                 )
-                + f"): {where}"
+                + f"): {where}",
             )
     history: list[tuple[str, str, list[int]]] = []
     for n in chosen:
