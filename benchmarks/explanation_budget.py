@@ -52,20 +52,30 @@ from monai_iaprune.report.explanations import (  # noqa: E402
 DATASETS = ("breastmnist", "pneumoniamnist", "adrenalmnist3d")
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 COLUMNS = [
-    "dataset", "seed", "method", "explainer", "min_agreement", "ratio", "macs_removed", "val_spearman",
+    "dataset", "seed", "method", "ranking", "explainer", "min_agreement", "ratio", "macs_removed", "val_spearman",
     "val_images", "test_spearman", "test_spearman_ci_lo", "test_spearman_ci_hi", "test_iou10", "test_iou10_ci_lo",
     "test_iou10_ci_hi", "test_images", "acc_base", "acc_pruned", "tried", "time_s", "note",
 ]  # fmt: skip
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows; rows written before the ``ranking`` column were cost-aware (the only ranking then)."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [{**r, "ranking": r.get("ranking") or "cost"} for r in csv.DictReader(f)]
 
 
 def append_row(path: Path, row: dict) -> None:
+    if path.is_file():
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:  # an older CSV: rewrite it with today's columns first, nothing dropped
+            old = read_rows(path)
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, COLUMNS)
+                w.writeheader()
+                w.writerows({k: r.get(k, "") for k in COLUMNS} for r in old)
     new = not path.is_file()
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
@@ -87,7 +97,10 @@ def test_agreement(
 
 
 def run_rows(args: argparse.Namespace, csv_path: Path) -> None:
-    done = {(r["dataset"], r["seed"], r["explainer"], r["min_agreement"]) for r in read_rows(csv_path)}
+    done = {
+        (r["dataset"], r["seed"], r["ranking"], r["explainer"], r["min_agreement"])
+        for r in read_rows(csv_path)
+    }
     for name in args.datasets:
         task = TASKS[name]
         if not task.data_path().exists():
@@ -99,10 +112,11 @@ def run_rows(args: argparse.Namespace, csv_path: Path) -> None:
         xt, yt = (t[: args.test] for t in data["test"])
         for seed in args.seeds:
             todo = [
-                (e, t)
+                (k, e, t)
+                for k in args.rankings
                 for e in args.explainers
                 for t in args.thresholds
-                if (name, str(seed), e, f"{t:g}") not in done
+                if (name, str(seed), k, e, f"{t:g}") not in done
             ]
             if not todo:
                 continue
@@ -112,21 +126,25 @@ def run_rows(args: argparse.Namespace, csv_path: Path) -> None:
             cal = task.calibration(data, args.calib, seed)
             relevance = channel_relevance(model, cal, args.method, progress=False)
             macs_base = count_macs(model, x1)
-            for explainer, threshold in todo:
+            for ranking, explainer, threshold in todo:
                 t0 = time.perf_counter()
-                row = {"dataset": name, "seed": seed, "method": args.method, "explainer": explainer,
+                row = {"dataset": name, "seed": seed, "method": args.method, "ranking": ranking, "explainer": explainer,
                        "min_agreement": f"{threshold:g}", "val_images": len(xv), "test_images": len(xt),
                        "acc_base": acc_base}  # fmt: skip
                 try:
                     chosen = prune_to_min_agreement(
                         model, relevance, (xv, yv), min_agreement=threshold, explainer=explainer, ratios=RATIOS,
                         target="macs", calibration_data=cal, example_inputs=x1, max_samples=None,
+                        cost_aware=ranking == "cost",
                     )  # fmt: skip
                 except AgreementNotReached as e:
                     row.update(ratio=0.0, macs_removed=0.0, note=str(e))
                     row["tried"] = json.dumps([[r, round(a, 4)] for r, a in e.tried])
                     append_row(csv_path, {**row, "time_s": time.perf_counter() - t0})
-                    print(f"[row] {name} s{seed} {explainer} >= {threshold:g}: not reached", flush=True)
+                    print(
+                        f"[row] {name} s{seed} {ranking} {explainer} >= {threshold:g}: not reached",
+                        flush=True,
+                    )
                     continue
                 pruned = chosen.model.eval()
                 agree = test_agreement(model, pruned, xt, yt, explainer)
@@ -146,7 +164,7 @@ def run_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 )
                 append_row(csv_path, {**row, "time_s": time.perf_counter() - t0})
                 print(
-                    f"[row] {name} s{seed} {explainer} >= {threshold:g}: MACs removed {row['macs_removed']:.2f} "
+                    f"[row] {name} s{seed} {ranking} {explainer} >= {threshold:g}: MACs removed {row['macs_removed']:.2f} "
                     f"(ratio {chosen.ratio}), val {chosen.agreement:.3f} -> test {row['test_spearman']:.3f} "
                     f"IoU {row['test_iou10']:.3f}, ACC {acc_base:.3f} -> {row['acc_pruned']:.3f}",
                     flush=True,
@@ -160,21 +178,36 @@ def _f(v: str) -> float:
         return float("nan")
 
 
+def either_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What ``prune_to_min_agreement(cost_aware="either")`` picks, from the cost and raw rows of each seed: both
+    rankings are tried at every budget, largest first, so it returns the larger validation-chosen budget of the two
+    (the higher validation agreement at an equal budget), with that row's test check; not reached when neither is."""
+    pairs: dict[tuple[str, ...], dict[str, dict[str, str]]] = defaultdict(dict)
+    for r in rows:
+        pairs[(r["dataset"], r["seed"], r["method"], r["explainer"], r["min_agreement"])][r["ranking"]] = r
+    out = []
+    for p in pairs.values():
+        if {"cost", "raw"} <= set(p):
+            best = max((p["cost"], p["raw"]), key=lambda r: (_f(r["ratio"]), _f(r["val_spearman"]) or -2.0))
+            out.append({**best, "ranking": "either"})
+    return out
+
+
 def report(rows: list[dict[str, str]], out: Path, command: str) -> str:
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
-    for r in rows:
-        groups[(r["dataset"], r["explainer"], r["min_agreement"])].append(r)
+    for r in rows + either_rows(rows):
+        groups[(r["dataset"], r["ranking"], r["explainer"], r["min_agreement"])].append(r)
     order = {d: i for i, d in enumerate(DATASETS)}
     lines = [
         f"Command: `{command}` (relevance: {', '.join(sorted({r['method'] for r in rows}))}; no fine-tune, BatchNorm "
         "re-estimated; agreement on validation chooses, test images check)",
         "",
-        "| dataset | explainer | min_agreement | seeds | MACs removed (per seed) | val Spearman | **test Spearman** "
-        "[95% CI] | test top-10 % IoU | test below the threshold | ACC base -> pruned |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | ranking | explainer | min_agreement | seeds | MACs removed (per seed) | val Spearman | **test "
+        "Spearman** [95% CI] | test top-10 % IoU | test below the threshold | ACC base -> pruned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (d, e, t), rs in sorted(
-        groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], float(kv[0][2]))
+    for (d, k, e, t), rs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][2], float(kv[0][3]), kv[0][1])
     ):
         rs = sorted(rs, key=lambda r: int(r["seed"]))
         reached = [r for r in rs if _f(r["ratio"]) > 0]
@@ -192,11 +225,15 @@ def report(rows: list[dict[str, str]], out: Path, command: str) -> str:
             )
         else:
             cells = "- | - | - | - | -"
-        lines.append(f"| {d} | {e} | {t} | {len(rs)} | {per_seed} | {cells} |")
+        lines.append(f"| {d} | {k} | {e} | {t} | {len(rs)} | {per_seed} | {cells} |")
     lines += [
         "",
         "Means over the seeds that reached the threshold; CI: mean of the per-seed 95 % bootstrap intervals of the "
-        "test median. MACs removed: the budget chosen on validation, measured on the pruned network.",
+        "test median. MACs removed: the budget chosen on validation, measured on the pruned network. Ranking: `cost` = "
+        "relevance per unit of MACs saved (`prune(cost_aware=True)`, the default for a MACs budget), `raw` = relevance "
+        "alone (`cost_aware=False`), both filling the same MACs budget; `either` = what `prune_to_min_agreement("
+        'cost_aware="either")` (the bundles\' default when `cost_aware` is unset) picks: of the two, the larger '
+        "budget on validation, derived from the cost and raw rows of each seed.",
     ]
     png = plot(rows, out.with_suffix(".png"))
     if png is not None:
@@ -224,13 +261,15 @@ def plot(rows: list[dict[str, str]], path: Path) -> Path | None:
         for j, d in enumerate(datasets):
             ax = axes[i][j]
             for k, seed in enumerate(sorted({r["seed"] for r in tried if r["dataset"] == d})):
-                curve: dict[float, float] = {}
-                for r in tried:
-                    if (r["dataset"], r["explainer"], r["seed"]) == (d, e, seed):
-                        curve.update({float(a): float(b) for a, b in json.loads(r["tried"])})
-                if curve:
-                    xs = sorted(curve)
-                    ax.plot(xs, [curve[x] for x in xs], "o-", ms=3, color=f"C{k}", label=f"seed {seed}")
+                for ranking, style in (("cost", "o-"), ("raw", "s--")):
+                    curve: dict[float, float] = {}
+                    for r in tried:
+                        if (r["dataset"], r["explainer"], r["seed"], r["ranking"]) == (d, e, seed, ranking):
+                            curve.update({float(a): float(b) for a, b in json.loads(r["tried"])})
+                    if curve:
+                        xs = sorted(curve)
+                        ax.plot(xs, [curve[x] for x in xs], style, ms=3, color=f"C{k}",
+                                label=f"seed {seed} {ranking}")  # fmt: skip
             for t in sorted({float(r["min_agreement"]) for r in rows}):
                 ax.axhline(t, color="r", lw=0.6, ls="--")
             ax.set_title(f"{d}, {e}", fontsize=9)
@@ -251,6 +290,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--method", default="lrp", help="channel relevance that orders the pruning")
+    p.add_argument(
+        "--rankings",
+        nargs="+",
+        default=["cost"],
+        choices=["cost", "raw"],
+        help="how channels are ranked for the MACs budget: relevance per MACs saved (cost) or relevance alone (raw)",
+    )
     p.add_argument(
         "--explainers", nargs="+", default=["lrp", "ig"], help="agreement measured with these maps"
     )

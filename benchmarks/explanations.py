@@ -1,7 +1,7 @@
 """Explanation-preserving fine-tuning on MedMNIST (issue #16): plain vs explanation-consistency fine-tune.
 
 Per dataset and seed: that seed's base model of ``run.py`` (``run.base_model(seed=...)``, loaded from its cache,
-trained when absent; seed 0 is the model the earlier rows used), pruned by LRP relevance to remove ``--ratios`` of its MACs (``prune(..., target="macs")``), BatchNorm
+trained when absent; seed 0 is the model the earlier rows used), pruned by LRP relevance to remove ``--ratios`` of its MACs (``prune(..., target="macs")``; ``--ranking raw``: relevance alone, ``cost_aware=False``, rows say ``lrp-raw``), BatchNorm
 re-calibrated, then fine-tuned with ``run.py``'s recipe (AdamW, one-cycle LR, flips / shifts, ``DATASETS``
 ``ft_epochs``, best validation epoch including the start) twice from the same pruned weights and seed:
 
@@ -273,7 +273,12 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
             cal_batches = list(batches(xtr[calib], ytr[calib], 32))
             pruned = copy.deepcopy(model)
             rel = channel_relevance(pruned, cal_batches, "lrp", progress=False)
-            kept = kept_channels(model, prune(pruned, rel, ratio, target="macs", example_inputs=x1).history)
+            kept = kept_channels(
+                model,
+                prune(
+                    pruned, rel, ratio, target="macs", example_inputs=x1, cost_aware=args.ranking == "cost"
+                ).history,
+            )
             recalibrate_batchnorm(pruned, cal_batches)
             pruned.eval()
             macs_removed = 1.0 - count_macs(pruned, x1) / macs_base
@@ -338,7 +343,7 @@ def run_dataset(name: str, args: argparse.Namespace, csv_path: Path) -> None:
                     rows.append(
                         {
                             "dataset": name,
-                            "method": "lrp",
+                            "method": "lrp" if args.ranking == "cost" else "lrp-raw",
                             "macs_removed": macs_removed,
                             "seed": seed,
                             "finetune": arm,
@@ -709,6 +714,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="logit distillation from the unpruned model in the explain arm (run.train's kd_alpha, T = 4); "
         "> 0 adds a 'distill' arm (distillation only) as its control",
+    )
+    p.add_argument(
+        "--ranking",
+        default="cost",
+        choices=["cost", "raw"],
+        help="channels ranked for the MACs budget by LRP relevance per MACs saved (cost, the default) or by "
+        "relevance alone (raw; rows say method lrp-raw)",
     )
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--n_expl", type=int, default=32)

@@ -407,8 +407,9 @@ def resolve_min_agreement(
     Runs ``prune_to_min_agreement`` on a copy of the trained ``network`` (before the trainer runs): relevance from
     the pruning handler (its collector runs the evaluator), agreement with the report's ``explain_method`` on the
     report's explanation data (the evaluator's batches, or its patches), BatchNorm re-calibrated on the handler's
-    data, ``ratio`` meaning what the handler's ``prune_kwargs`` ``target`` says (default parameters). The choice
-    and the measured agreement go into the report's settings.
+    data, ``ratio`` meaning what the handler's ``prune_kwargs`` ``target`` says (default parameters). When the
+    handler's ``cost_aware`` is unset both channel rankings are tried (``cost_aware="either"``) and the handler
+    prunes with the chosen one. The choice and the measured agreement go into the report's settings.
 
     Raises:
         AgreementNotReached: no ratio keeps the agreement (raised before any training).
@@ -417,9 +418,13 @@ def resolve_min_agreement(
     relevance = pruning_handler._relevance(trainer, network)
     prune_kwargs = dict(pruning_handler.prune_kwargs)
     prune_kwargs.pop("target", None)  # legacy spelling of prune_target, already folded into it by the handler
+    prune_kwargs.pop("cost_aware", None)  # the handler's own setting below decides
     target = pruning_handler.prune_target
-    if pruning_handler.cost_aware is not None:
-        prune_kwargs["cost_aware"] = pruning_handler.cost_aware
+    # the handler's ranking when set; else both rankings are tried at each ratio (the one that keeps the agreement,
+    # the higher if both do), and the handler then prunes with the chosen one
+    cost_aware = pruning_handler.cost_aware
+    if cost_aware is None and target != "channels":
+        cost_aware = "either"
     explain_kwargs = report_handler.explain_kwargs
     map_kwargs = {"n_steps": explain_kwargs["n_steps"]} if "n_steps" in explain_kwargs else {}
     budget = prune_to_min_agreement(
@@ -437,10 +442,12 @@ def resolve_min_agreement(
         label_key=pruning_handler.label_key,
         map_kwargs=map_kwargs,
         ignored_layers=pruning_handler.ignored_layers,
+        cost_aware=cost_aware,
         **prune_kwargs,
     )
     # one stage of one step, widths only (checked by prune_host_bundle): every budget fraction is the ratio
     pruning_handler.ratio = pruning_handler.stage_ratio = pruning_handler.step_ratio = budget.ratio
+    pruning_handler.cost_aware = budget.cost_aware
     report_handler.settings.update(
         min_agreement=float(min_agreement),
         min_agreement_explainer=report_handler.explain_method,
@@ -448,10 +455,13 @@ def resolve_min_agreement(
         min_agreement_ratio=budget.ratio,
         min_agreement_measured=budget.agreement,
         min_agreement_tried=[list(t) for t in budget.tried],
+        min_agreement_cost_aware=budget.cost_aware,
+        min_agreement_tried_cost_aware=list(budget.tried_cost_aware),
     )
     logger.info(
         f"min_agreement={min_agreement}: ratio {budget.ratio} ({target}) keeps the {report_handler.explain_method} "
-        f"agreement at {budget.agreement:.4f} (tried {budget.tried})"
+        f"agreement at {budget.agreement:.4f}, cost_aware={budget.cost_aware} (tried {budget.tried}, rankings "
+        f"{budget.tried_cost_aware})"
     )
     return budget
 

@@ -117,6 +117,10 @@ def test_classification_bundle_explain_weight_and_min_agreement(tmp_path):
     assert report["min_agreement"] == 0.01 and report["min_agreement_explainer"] == "ig"
     assert report["min_agreement_measured"] >= 0.01
     assert report["ratio"] == report["min_agreement_ratio"] == report["min_agreement_tried"][-1][0]
+    # cost_aware unset: both rankings tried at every ratio, the chosen one reported (and pruned with)
+    ranks = report["min_agreement_tried_cost_aware"]
+    assert ranks == [True, False] * (len(report["min_agreement_tried"]) // 2)
+    assert report["min_agreement_cost_aware"] in (True, False)
     assert abs(report["params_removed"] - report["ratio"]) < 0.05
 
 

@@ -80,3 +80,50 @@ def test_unknown_explainer_and_bad_ratios():
     for ratios in ((), (0.0, 0.5), (1.0,)):
         with pytest.raises(ValueError, match="ratios"):
             prune_to_min_agreement(net, _relevance(net), _data(), 0.9, ratios=ratios)
+
+
+def _budget_or_none(net, rel, data, threshold, cost_aware):
+    try:
+        return prune_to_min_agreement(
+            net, rel, data, threshold, "lrp", (0.6, 0.4, 0.2), "macs", cost_aware=cost_aware
+        )
+    except AgreementNotReached:
+        return None
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.3, 0.5])  # raw wins at 0.6 / cost at 0.4 / none
+def test_either_ranking_is_the_better_of_the_two_on_the_data_it_was_given(threshold):
+    """``cost_aware="either"`` returns what running each ranking alone and keeping the larger ratio returns (the higher
+    agreement at an equal ratio), never below the threshold, and prunes with the ranking it names."""
+    net = tiny_resnet().eval()
+    data = _data()
+    rel = _relevance(net)
+    alone = {rank: _budget_or_none(net, rel, data, threshold, rank) for rank in (True, False)}
+    both = _budget_or_none(net, rel, data, threshold, "either")
+    found = [b for b in alone.values() if b is not None]
+    if not found:
+        assert both is None
+        with pytest.raises(AgreementNotReached) as err:
+            prune_to_min_agreement(
+                net, rel, data, threshold, "lrp", (0.6, 0.4, 0.2), "macs", cost_aware="either"
+            )
+        assert err.value.tried_cost_aware == [True, False] * 3 and len(err.value.tried) == 6
+        return
+    best = max(found, key=lambda b: (b.ratio, b.agreement))
+    assert both is not None and both.agreement >= threshold
+    assert (both.ratio, both.agreement) == pytest.approx((best.ratio, best.agreement))
+    assert both.cost_aware == next(rank for rank, b in alone.items() if b is best)
+    # the model handed back is the chosen ranking's: the same channels as that ranking run alone
+    ref = alone[both.cost_aware]
+    assert ref is not None and ref.ratio == both.ratio
+    assert [p.shape for p in both.model.parameters()] == [p.shape for p in ref.model.parameters()]
+    assert both.tried_cost_aware[: len(both.tried)] == [True, False] * (len(both.tried) // 2)
+
+
+def test_bad_cost_aware_is_refused():
+    net = tiny_resnet()
+    for bad in ("maybe", 1):
+        with pytest.raises(ValueError, match="cost_aware must be True, False, None or 'either'"):
+            prune_to_min_agreement(net, _relevance(net), _data(), 0.9, cost_aware=bad)
+    with pytest.raises(ValueError, match="needs a params, macs or latency budget"):
+        prune_to_min_agreement(net, _relevance(net), _data(), 0.9, target="channels", cost_aware="either")

@@ -37,11 +37,18 @@ class AgreementNotReached(ValueError):
 
     Attributes:
         tried: ``[(ratio, median Spearman)]`` of every candidate evaluated, largest ratio first.
+        tried_cost_aware: the ``cost_aware`` ranking of each ``tried`` entry (None: ``prune``'s default).
     """
 
-    def __init__(self, message: str, tried: list[tuple[float, float]] | None = None):
+    def __init__(
+        self,
+        message: str,
+        tried: list[tuple[float, float]] | None = None,
+        tried_cost_aware: list[bool | None] | None = None,
+    ):
         super().__init__(message)
         self.tried = list(tried or [])
+        self.tried_cost_aware = list(tried_cost_aware or [None] * len(self.tried))
 
 
 @dataclass
@@ -55,6 +62,8 @@ class AgreementBudget:
         result: ``prune``'s ``PruneResult`` for the chosen ratio.
         metrics: ``agreement_from_maps`` of the chosen ratio (Spearman, top-10 % IoU, SSIM medians and IQRs).
         tried: ``[(ratio, median Spearman)]`` of every candidate evaluated, in order.
+        cost_aware: the channel ranking of the chosen candidate (``prune``'s ``cost_aware``; None: its default).
+        tried_cost_aware: the ranking of each ``tried`` entry.
     """
 
     model: nn.Module
@@ -63,6 +72,8 @@ class AgreementBudget:
     result: PruneResult
     metrics: dict[str, Any]
     tried: list[tuple[float, float]] = field(default_factory=list)
+    cost_aware: bool | None = None
+    tried_cost_aware: list[bool | None] = field(default_factory=list)
 
 
 def _samples(
@@ -106,6 +117,7 @@ def prune_to_min_agreement(
     image_key: str = "image",
     label_key: str = "label",
     map_kwargs: dict[str, Any] | None = None,
+    cost_aware: bool | str | None = None,
     **prune_kwargs: Any,
 ) -> AgreementBudget:
     """The most-pruned copy of ``model`` (over ``ratios``) whose explanations agree with ``model``'s at ``min_agreement``.
@@ -133,13 +145,19 @@ def prune_to_min_agreement(
         max_calibration_batches: at most this many calibration batches.
         image_key, label_key: keys of dict batches.
         map_kwargs: passed to ``attribution_maps`` (``n_steps``, ``composite``, ...).
+        cost_aware: ``prune``'s channel ranking (None: its default, cost-aware for a MACs budget), or ``"either"``:
+            at each ratio try the cost-aware ranking and relevance alone, and keep the one whose agreement passes
+            (the higher if both do). Which keeps explanations longer depends on the network: on this repository's
+            MedMNIST benchmark relevance alone allowed more MACs on the 3D ResNet, the cost-aware ranking on the
+            2D ones (BENCHMARKS.md, "Explanation budget"). Costs up to twice the evaluations.
         prune_kwargs: more ``prune`` arguments (``global_pruning``, ``round_to``, ``ignored_layers``, ...).
 
     Returns:
         ``AgreementBudget`` (pruned model, ratio, agreement, prune result, metrics, all tried candidates).
 
     Raises:
-        ValueError: unknown ``explainer``, ``min_agreement`` outside (0, 1], bad or empty ``ratios``.
+        ValueError: unknown ``explainer``, ``min_agreement`` outside (0, 1], bad or empty ``ratios``, a
+            ``cost_aware`` other than True, False, None or ``"either"``.
         AgreementNotReached: even the smallest ratio stays below ``min_agreement``; the message names the best
             agreement reached and its ratio.
     """
@@ -156,6 +174,18 @@ def prune_to_min_agreement(
         raise ValueError(
             f"ratios must be a non-empty list of numbers strictly between 0 and 1, got {ratios!r}"
         )
+    if isinstance(cost_aware, str):
+        if cost_aware != "either":
+            raise ValueError(f"cost_aware must be True, False, None or 'either', got {cost_aware!r}")
+        if target == "channels":
+            raise ValueError(
+                "cost_aware='either' needs a params, macs or latency budget, not target='channels'"
+            )
+        rankings: list[bool | None] = [True, False]
+    elif cost_aware is None or isinstance(cost_aware, bool):
+        rankings = [cost_aware]
+    else:
+        raise ValueError(f"cost_aware must be True, False, None or 'either', got {cost_aware!r}")
     map_kwargs = dict(map_kwargs or {})
     device = next(model.parameters()).device
     x, y = _samples(data_val, max_samples, image_key, label_key)
@@ -180,27 +210,34 @@ def prune_to_min_agreement(
         model.train(was_training)
 
     tried: list[tuple[float, float]] = []
+    tried_rank: list[bool | None] = []
     for ratio in cands:
-        candidate = copy.deepcopy(model)
-        result = prune(
-            candidate, relevance, ratio, target=target, example_inputs=example_inputs, **prune_kwargs
-        )
-        recalibrate_batchnorm(
-            candidate,
-            calibration,
-            max_batches=max_calibration_batches,
-            image_key=image_key,
-            label_key=label_key,
-        )
-        candidate.eval()
-        maps = attribution_maps(candidate, x, explainer, selection=selection, **map_kwargs)
-        metrics = agreement_from_maps(maps_ref, maps)
-        agreement = metrics["spearman_median"]
-        tried.append((ratio, agreement))
-        if agreement >= min_agreement:  # False for NaN (no finite per-image correlation)
+        passed = []
+        for rank in rankings:
+            candidate = copy.deepcopy(model)
+            kw = prune_kwargs if rank is None else {**prune_kwargs, "cost_aware": rank}
+            result = prune(candidate, relevance, ratio, target=target, example_inputs=example_inputs, **kw)
+            recalibrate_batchnorm(
+                candidate,
+                calibration,
+                max_batches=max_calibration_batches,
+                image_key=image_key,
+                label_key=label_key,
+            )
+            candidate.eval()
+            maps = attribution_maps(candidate, x, explainer, selection=selection, **map_kwargs)
+            metrics = agreement_from_maps(maps_ref, maps)
+            agreement = metrics["spearman_median"]
+            tried.append((ratio, agreement))
+            tried_rank.append(rank)
+            if agreement >= min_agreement:  # False for NaN (no finite per-image correlation)
+                passed.append((float(agreement), rank, candidate, result, metrics))
+            else:
+                del candidate
+        if passed:
+            agreement, rank, candidate, result, metrics = max(passed, key=lambda p: p[0])
             candidate.train(was_training)
-            return AgreementBudget(candidate, ratio, float(agreement), result, metrics, tried)
-        del candidate
+            return AgreementBudget(candidate, ratio, agreement, result, metrics, tried, rank, tried_rank)
     finite = [(a, r) for r, a in tried if math.isfinite(a)]
     best = max(finite) if finite else (float("nan"), cands[-1])
     raise AgreementNotReached(
@@ -208,6 +245,7 @@ def prune_to_min_agreement(
         f"{min_agreement}: the best reached was {best[0]:.4f} at ratio {best[1]} "
         f"(target={target!r}, {x.shape[0]} validation samples); lower min_agreement or try smaller ratios",
         tried,
+        tried_rank,
     )
 
 
