@@ -564,6 +564,38 @@ def _f(v: str, digits: int = 3) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
 
 
+def mean_goal_checks(goal_rows: list[tuple[str, dict[str, str]]]) -> list[str]:
+    """The issue's goals on the seed means (how the issue states them), per file, setting, arm and explainer;
+    Spearman to 4 decimals so a mean at the threshold is not rounded over it."""
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for name, r in goal_rows:
+        key = (name, r["dataset"], r["macs_target"], r["finetune"], r["explainer_eval"])
+        groups.setdefault(key, []).append(r)
+    groups = {k: g for k, g in groups.items() if len(g) >= 3}
+    if not groups:
+        return []
+    lines = [
+        "",
+        "### Goal checks on the means of 3 or more seeds",
+        "",
+        "| file | dataset | MACs target | arm | explainer | seeds | Spearman | >= 0.9 | IoU | >= 0.7 | deletion AUC base -> "
+        "pruned | no worse | ACC - plain (pt) | within 0.5 pt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, d, m, arm, e), g in groups.items():
+        mean = {k: float(np.mean([float(x[k]) for x in g])) for k in
+                ("spearman", "iou10", "deletion_auc_base", "deletion_auc_pruned", "acc_diff_vs_plain")}  # fmt: skip
+        yes = lambda ok: "**yes**" if ok else "no"  # noqa: E731
+        lines.append(
+            f"| {name} | {d} | {_f(m, 2)} | {arm} | {e} | {len(g)} | {mean['spearman']:.4f} | "
+            f"{yes(mean['spearman'] >= 0.9)} | {mean['iou10']:.3f} | {yes(mean['iou10'] >= 0.7)} | "
+            f"{mean['deletion_auc_base']:.4f} -> {mean['deletion_auc_pruned']:.4f} | "
+            f"{yes(mean['deletion_auc_pruned'] <= mean['deletion_auc_base'])} | {100 * mean['acc_diff_vs_plain']:+.1f} | "
+            f"{yes(mean['acc_diff_vs_plain'] >= -0.005)} |"
+        )
+    return lines
+
+
 def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
     """``explanations.md``: one table per CSV (its command above it), the goal checks of every ``explain`` row,
     and the hand-written verdict kept from the existing file (everything after ``VERDICT_MARK``)."""
@@ -667,6 +699,7 @@ def summarize(csv_paths: list[Path], md_path: Path, commands: list[str]) -> str:
                 + " | ".join("yes" if v else "no" for v in ok.values())
                 + " |"
             )
+    lines += mean_goal_checks(goal_rows)
     verdict = ""
     if md_path.exists():
         old = md_path.read_text()

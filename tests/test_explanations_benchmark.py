@@ -51,3 +51,25 @@ def test_summary_renders_arms_and_reference_means(tmp_path):
         in text
     )
     assert "cmd ref" in text
+
+
+def test_mean_goal_checks_judge_the_unrounded_seed_means():
+    """A seed mean of 0.89993 is below 0.9 (and shown to 4 decimals), though each per-row table rounds it to 0.900;
+    fewer than 3 seeds: no mean check."""
+
+    def row(seed, sp, dele, diff):
+        return {"dataset": "d", "macs_target": "0.5000", "finetune": "feature", "explainer_eval": "lrp", "seed": seed,
+                "spearman": sp, "iou10": 0.71, "deletion_auc_base": 0.41, "deletion_auc_pruned": dele,
+                "acc_diff_vs_plain": diff}  # fmt: skip
+
+    rows = [
+        ("f.csv", row(0, 0.8899, 0.40, 0.0)),
+        ("f.csv", row(1, 0.92, 0.42, -0.01)),
+        ("f.csv", row(2, 0.8899, 0.41, 0.0)),
+    ]
+    lines = bench.mean_goal_checks(rows)
+    assert lines[-1] == (
+        "| f.csv | d | 0.50 | feature | lrp | 3 | 0.8999 | no | 0.710 | **yes** | 0.4100 -> 0.4100 | **yes** | -0.3 | "
+        "**yes** |"
+    )
+    assert bench.mean_goal_checks(rows[:2]) == []
