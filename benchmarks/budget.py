@@ -410,7 +410,9 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     preds = args.out / "budget_preds"
     # another fine-tune: its models must not replace the plain ones
     variant = bool(args.ft_feature or args.ft_kd or args.ft_lr or args.recover_between)
-    models = args.cache / ("budget_models_ft" if variant else "budget_models")
+    models = args.cache / (
+        "budget_models_raw" if args.raw_ranking else "budget_models_ft" if variant else "budget_models"
+    )
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
@@ -470,6 +472,8 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                     {"target": "macs"} if kind == "macs"
                     else {"target": "latency", "latency_table": table, "threads": args.threads}
                 )  # fmt: skip
+                if args.raw_ranking:
+                    target_kw["cost_aware"] = False
                 t = time.perf_counter()
                 try:
                     if sch == "oneshot":
@@ -1158,6 +1162,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "(a recovery fine-tune after each stage but the last, the rest after the last: the same total "
                    "length as the one-shot rows' fine-tune; column recover_between); use another --out. "
                    "Classification only")  # fmt: skip
+    p.add_argument("--raw-ranking", action="store_true",
+                   help="rank channels by relevance alone (prune(cost_aware=False); column cost_aware False) instead "
+                   "of relevance per unit of the budget's cost; models kept apart; use another --out")  # fmt: skip
     p.add_argument("--calib", type=int, default=None,
                    help="calibration images for relevance and BatchNorm (default 256; membrane: 16 random 128^2 crops)")  # fmt: skip
     p.add_argument(
@@ -1197,6 +1204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--ft-lr: every LR must be > 0, got {args.ft_lr}")
         if "membrane" in args.datasets:
             p.error("--ft-lr: for the classification datasets (membrane keeps its own learning rate)")
+    if args.raw_ranking and args.out.resolve() == RESULTS.resolve():
+        p.error("--raw-ranking: its rows share budget.csv's keys; write them elsewhere with --out")
     if args.cache is None:
         args.cache = CACHE if args.out.resolve() == RESULTS.resolve() else args.out / "cache"
     args.command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)

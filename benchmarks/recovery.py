@@ -200,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-kd", type=Path, default=RESULTS / "budget_feature_kd.csv")
     p.add_argument("--gradual", type=Path, default=RESULTS / "budget_gradual.csv")
     p.add_argument("--lr", type=Path, default=RESULTS / "budget_ftlr.csv")
+    p.add_argument("--raw", type=Path, default=RESULTS / "budget_raw.csv")
     p.add_argument("--md", type=Path, default=RESULTS / "recovery.md")
     args = p.parse_args(argv)
     ftlen, feature, kd, gradual = read(args.ftlen), read(args.feature), read(args.kd), read(args.gradual)
-    feature_kd, ftlr = read(args.feature_kd), read(args.lr)
+    feature_kd, ftlr, raw = read(args.feature_kd), read(args.lr), read(args.raw)
     ftlen = [r for r in ftlen if r.get("schedule", "oneshot") == "oneshot"]  # the length study is one-shot
-    if not (ftlen or feature or kd or feature_kd or gradual or ftlr):
+    if not (ftlen or feature or kd or feature_kd or gradual or ftlr or raw):
         raise SystemExit(
-            f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.feature_kd}, {args.gradual}, {args.lr} has rows"
+            f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.feature_kd}, {args.gradual}, {args.lr}, "
+            f"{args.raw} has rows"
         )
     command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", ""]
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
          "Gradual pruning: 3 stages, relevance re-scored and BatchNorm re-estimated after each, the default fine-tune "
          "length split evenly over the stages (a third after each stage), against one-shot pruning with the whole "
          "fine-tune after it:"),
+        (raw, "relevance-alone ranking", None, "s",
+         "The same one-shot pruning and plain fine-tune, the MACs budget filled by relevance alone "
+         "(`prune(cost_aware=False)`) instead of relevance per MACs saved:"),
     )  # fmt: skip
     for rows, name, choice, _, text in studies:
         if rows:

@@ -96,6 +96,10 @@ def test_budget_benchmark_distillation_finetune(tmp_path, capsys):
             parse_args(["--out", str(tmp_path / "bad"), *bad])
         assert err.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as err:  # raw-ranking rows would be skipped as done in budget.csv
+        parse_args(["--raw-ranking"])
+    assert err.value.code == 2 and "--raw-ranking" in capsys.readouterr().err
+    assert parse_args(["--raw-ranking", "--out", str(tmp_path / "raw")]).raw_ranking is True
 
 
 def test_budget_benchmark_membrane_smoke(tmp_path):
