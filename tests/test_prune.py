@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 
 from monai_iaprune import ChannelRelevance, channel_relevance, prune
 from monai_iaprune.pruning import count_macs, count_params
+
+prune_module = sys.modules["monai_iaprune.pruning.prune"]  # the package's ``prune`` is the function
+meta_copy = prune_module.meta_copy
 
 X2 = torch.randn(1, 1, 16, 16)
 
@@ -247,3 +251,69 @@ def test_frozen_network_is_pruned_and_stays_frozen():
     assert result.params_after < 0.55 * result.params_before
     assert net.features.conv0.out_channels < 8  # the frozen stem was pruned too
     assert {n for n, p in net.named_parameters() if not p.requires_grad} == frozen  # flags restored
+
+
+def test_meta_copy_has_the_shapes_and_no_data():
+    model = _unet()
+    model.model[0].conv.unit0.conv.weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    meta = prune_module.meta_copy(model)
+    assert all(p.is_meta for p in meta.parameters()) and all(b.is_meta for b in meta.buffers())
+    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == [
+        (n, p.shape, p.requires_grad) for n, p in model.named_parameters()
+    ]
+    assert [(n, b.shape) for n, b in meta.named_buffers()] == [(n, b.shape) for n, b in model.named_buffers()]
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in before.items()
+    )  # the original keeps its data
+    assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "build,x",
+    [
+        (_unet, torch.randn(1, 1, 32, 32)),
+        (
+            lambda: nets.SEResNet50(spatial_dims=3, in_channels=1, num_classes=2, layers=(1, 1, 1, 1)),
+            torch.randn(1, 1, 16, 16, 16),
+        ),
+        (
+            lambda: nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8),
+            torch.randn(1, 1, 16, 16, 16),
+        ),
+    ],
+    ids=["unet2d", "seresnet3d", "segresnet3d"],
+)
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_trials_on_meta_copies_choose_what_real_copies_choose(build, x, target, monkeypatch):
+    """The ratio search counted on meta copies (big networks) ends where it ends on real copies."""
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        seg = model(x).ndim > 2
+    y = torch.randint(0, 2, (1, 1, *x.shape[2:])) if seg else torch.tensor([[1]])
+    rel = channel_relevance(model, [(x, y)], "taylor", progress=False)
+    results = {}
+    for meta in (True, False):
+        monkeypatch.setattr(prune_module, "META_TRIAL_PARAMS", 0 if meta else float("inf"))
+        monkeypatch.setattr(prune_module, "META_TRIAL_MACS", 0 if meta else float("inf"))
+        copies = []
+        monkeypatch.setattr(prune_module, "meta_copy", lambda m, seen=copies: seen.append(1) or meta_copy(m))
+        m = copy.deepcopy(model)
+        r = prune(m, rel, 0.5, target=target, example_inputs=x)
+        assert bool(copies) == meta  # the search really counted where this run says
+        results[meta] = (r.channel_ratio, r.channels, r.history, r.params_after, r.macs_after)
+    assert results[True] == results[False]
+
+
+def test_a_network_that_fails_on_meta_is_counted_on_real_copies(monkeypatch):
+    monkeypatch.setattr(prune_module, "META_TRIAL_PARAMS", 0)
+
+    def no_meta(model):
+        raise NotImplementedError("a forward that needs real values")
+
+    monkeypatch.setattr(prune_module, "meta_copy", no_meta)
+    model = _unet()
+    x = torch.randn(1, 1, 32, 32)
+    result = prune(model, channel_relevance(model, None, "magnitude", progress=False), 0.4, example_inputs=x)
+    assert abs(result.params_removed - 0.4) <= 0.01
