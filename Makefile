@@ -19,9 +19,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(PY) -m ruff check monai_iaprune tests benchmarks
 	$(VENV)/bin/lint-imports
-	# the network sweep in its own process: its ~150 MONAI networks grow one process past 24 GiB after the rest
-	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_sweep.py
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_sweep.py
+	# the network sweep (~150 MONAI networks) in its own process, beside the rest: one torch thread each, one core
+	# each; the sweep's output follows the rest's, and either failing fails the target
+	@log=$$(mktemp); \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_sweep.py > $$log 2>&1 & sweep=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_sweep.py; rest=$$?; \
+	wait $$sweep; swept=$$?; echo "--- tests/test_sweep.py (run beside the rest)"; cat $$log; rm -f $$log; \
+	test $$rest -eq 0 && test $$swept -eq 0
 
 lint: install
 	$(PY) -m ruff check monai_iaprune tests benchmarks
