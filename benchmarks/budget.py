@@ -411,7 +411,7 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     # another fine-tune: its models must not replace the plain ones
     variant = bool(args.ft_feature or args.ft_kd or args.ft_lr or args.recover_between)
     models = args.cache / (
-        "budget_models_raw" if args.raw_ranking else "budget_models_ft" if variant else "budget_models"
+        ("budget_models_raw" if args.raw_ranking else "budget_models") + ("_ft" if variant else "")
     )
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)

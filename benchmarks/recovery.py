@@ -12,6 +12,8 @@ re-calibrated, then the recovery fine-tune) for these studies and writes ``recov
 - ``--lr CSV``: the plain fine-tune at peak learning rates 3e-4 / 1e-3 / 3e-3 (``budget.py --ft-lr 3e-4 1e-3 3e-3``,
   the rate chosen on validation);
 - ``--feature-kd CSV``: both (``budget.py --ft-feature 1 3 10 --ft-kd 0.9``, the weight chosen on validation);
+- ``--raw CSV``: the MACs budget filled by relevance alone (``budget.py --raw-ranking``), plain fine-tune;
+- ``--raw-kd CSV``: the same with logit distillation (``budget.py --raw-ranking --ft-kd 0.5 0.9``);
 - ``--gradual CSV``: gradual pruning, 3 re-scored stages with the same fine-tune length split over them
   (``budget.py --schedules iterative --recover-between``), against the one-shot rows of the plain fine-tune.
 
@@ -201,15 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradual", type=Path, default=RESULTS / "budget_gradual.csv")
     p.add_argument("--lr", type=Path, default=RESULTS / "budget_ftlr.csv")
     p.add_argument("--raw", type=Path, default=RESULTS / "budget_raw.csv")
+    p.add_argument("--raw-kd", type=Path, default=RESULTS / "budget_raw_kd.csv")
     p.add_argument("--md", type=Path, default=RESULTS / "recovery.md")
     args = p.parse_args(argv)
     ftlen, feature, kd, gradual = read(args.ftlen), read(args.feature), read(args.kd), read(args.gradual)
-    feature_kd, ftlr, raw = read(args.feature_kd), read(args.lr), read(args.raw)
+    feature_kd, ftlr, raw, raw_kd = read(args.feature_kd), read(args.lr), read(args.raw), read(args.raw_kd)
     ftlen = [r for r in ftlen if r.get("schedule", "oneshot") == "oneshot"]  # the length study is one-shot
-    if not (ftlen or feature or kd or feature_kd or gradual or ftlr or raw):
+    if not (ftlen or feature or kd or feature_kd or gradual or ftlr or raw or raw_kd):
         raise SystemExit(
             f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.feature_kd}, {args.gradual}, {args.lr}, "
-            f"{args.raw} has rows"
+            f"{args.raw}, {args.raw_kd} has rows"
         )
     command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", ""]
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         (raw, "relevance-alone ranking", None, "s",
          "The same one-shot pruning and plain fine-tune, the MACs budget filled by relevance alone "
          "(`prune(cost_aware=False)`) instead of relevance per MACs saved:"),
+        (raw_kd, "relevance alone + logit distillation", "ft_kd_alpha", "X",
+         "The relevance-alone ranking with logit distillation in the fine-tune (the alpha chosen on validation "
+         "among 0.5, 0.9):"),
     )  # fmt: skip
     for rows, name, choice, _, text in studies:
         if rows:

@@ -45,7 +45,12 @@ def test_tables_and_plot(tmp_path):
         str(tmp_path / "none.csv"),
         "--lr",
         str(tmp_path / "none.csv"),
+        "--raw",
+        str(tmp_path / "none.csv"),
     ]  # absent: no table
+    raw_kd = tmp_path / "raw_kd.csv"
+    _write(raw_kd, [_row(0, 8, 0.80, 0.0, 0.9), _row(1, 8, 0.78, 0.0, 0.5)])
+    args += ["--raw-kd", str(raw_kd)]
     assert bench.main([*args, "--md", str(md)]) == 0
     text = md.read_text()
     assert (
@@ -59,6 +64,8 @@ def test_tables_and_plot(tmp_path):
     assert (
         "| breastmnist | lrp | 85% | 1 | +2.0 / +5.0 | **+0.0** / +5.0 |\n" in text
     )  # gradual vs one-shot seed 0
+    assert "relevance alone + logit distillation: test / val drop" in text
+    assert "| breastmnist | lrp | 85% | 2 | +3.0 / +5.0 | **+1.0** / +5.0 | 0.9, 0.5 |" in text
     assert (tmp_path / "recovery.png").stat().st_size > 1000
 
 
