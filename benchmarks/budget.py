@@ -411,7 +411,9 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
     # another fine-tune: its models must not replace the plain ones
     variant = bool(args.ft_feature or args.ft_kd or args.ft_lr or args.recover_between)
     models = args.cache / (
-        ("budget_models_raw" if args.raw_ranking else "budget_models") + ("_ft" if variant else "")
+        ("budget_models_raw" if args.raw_ranking else "budget_models")
+        + ("_ft" if variant else "")
+        + ("" if args.max_layer_ratio is None else f"_cap{args.max_layer_ratio:g}")
     )
     preds.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
@@ -436,8 +438,10 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
             else:
                 budgets += [("latency", s) for s in args.speedups]
         ft_epochs = args.ft_epochs if args.ft_epochs is not None else task.ft_epochs
-        columns = COLUMNS + (
-            ["ft_feature_weight", "ft_kd_alpha", "ft_lr", "recover_between"] if variant else []
+        columns = (
+            COLUMNS
+            + (["ft_feature_weight", "ft_kd_alpha", "ft_lr", "recover_between"] if variant else [])
+            + ([] if args.max_layer_ratio is None else ["max_layer_ratio"])
         )
         for seed in args.seeds:
             todo = [
@@ -474,6 +478,8 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                 )  # fmt: skip
                 if args.raw_ranking:
                     target_kw["cost_aware"] = False
+                if args.max_layer_ratio is not None:
+                    target_kw["max_layer_ratio"] = args.max_layer_ratio
                 t = time.perf_counter()
                 try:
                     if sch == "oneshot":
@@ -564,6 +570,8 @@ def _accuracy_rows(args: argparse.Namespace, csv_path: Path) -> None:
                         ft_lr,
                     )
                     row["recover_between"] = bool(args.recover_between and sch == "iterative")
+                if args.max_layer_ratio is not None:
+                    row["max_layer_ratio"] = args.max_layer_ratio
                 append_row(csv_path, row, columns)
                 done.add(row_key(row))
                 print(
@@ -1165,6 +1173,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw-ranking", action="store_true",
                    help="rank channels by relevance alone (prune(cost_aware=False); column cost_aware False) instead "
                    "of relevance per unit of the budget's cost; models kept apart; use another --out")  # fmt: skip
+    p.add_argument("--max-layer-ratio", type=float, default=None, metavar="R",
+                   help="cap every layer's removal at R of its channels (prune's max_layer_ratio; its default 0.9) "
+                   "for a more even network at the same budget; column max_layer_ratio; models kept apart; use "
+                   "another --out")  # fmt: skip
     p.add_argument("--calib", type=int, default=None,
                    help="calibration images for relevance and BatchNorm (default 256; membrane: 16 random 128^2 crops)")  # fmt: skip
     p.add_argument(
@@ -1206,6 +1218,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error("--ft-lr: for the classification datasets (membrane keeps its own learning rate)")
     if args.raw_ranking and args.out.resolve() == RESULTS.resolve():
         p.error("--raw-ranking: its rows share budget.csv's keys; write them elsewhere with --out")
+    if args.max_layer_ratio is not None:
+        if not 0 < args.max_layer_ratio < 1:
+            p.error(f"--max-layer-ratio must lie in (0, 1), got {args.max_layer_ratio}")
+        if args.out.resolve() == RESULTS.resolve():
+            p.error("--max-layer-ratio: its rows share budget.csv's keys; write them elsewhere with --out")
     if args.cache is None:
         args.cache = CACHE if args.out.resolve() == RESULTS.resolve() else args.out / "cache"
     args.command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)

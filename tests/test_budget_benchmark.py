@@ -167,3 +167,33 @@ def test_gradual_recovery_splits_the_fine_tune_length():
     recovery = Recovery(task, data, 8 / 3, seed=0)
     recovery(model, 0), recovery(model, 1)
     assert abs(recovery.spent - 16 / 3) < 1e-9  # the final piece gets 8 - 16 / 3 epochs
+
+
+def test_budget_benchmark_layer_cap(tmp_path, capsys):
+    """--max-layer-ratio: prune's per-layer cap reaches the rows (column, own models folder) and no conv of the
+    saved network keeps fewer than 1 - R of its channels; a cap outside (0, 1) or rows into budget.csv are refused."""
+    require_file(MEDMNIST / "breastmnist.npz")
+    _run(
+        tmp_path, "--phase", "accuracy", "--datasets", "breastmnist", "--methods", "taylor", "--schedules", "oneshot",
+        "--macs-budgets", "0.6", "--speedups", "--seeds", "0", "--limit", "64", "--epochs", "1", "--ft-epochs", "1",
+        "--calib", "32", "--max-layer-ratio", "0.6",
+    )  # fmt: skip
+    with (tmp_path / "budget.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["max_layer_ratio"]) == 0.6 and row["model_file"].startswith("budget_models_cap0.6/")
+    assert float(row["macs_removed"]) >= 0.6 - 1e-3
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from budget import TASKS, parse_args
+
+    from monai_iaprune.pruning import load_pruned
+
+    task = TASKS["breastmnist"]
+    full = {n: m.out_channels for n, m in task.fresh_model().named_modules() if hasattr(m, "out_channels")}
+    pruned = load_pruned(tmp_path / "cache" / row["model_file"], task.fresh_model())
+    kept = {n: m.out_channels for n, m in pruned.named_modules() if n in full}
+    assert min(kept[n] / full[n] for n in full) >= 0.4 - 1e-6
+    assert any(kept[n] < full[n] for n in full)  # it did prune
+    for bad in (["--max-layer-ratio", "1.0", "--out", str(tmp_path / "x")], ["--max-layer-ratio", "0.8"]):
+        with pytest.raises(SystemExit) as err:
+            parse_args(bad)
+        assert err.value.code == 2 and "--max-layer-ratio" in capsys.readouterr().err
