@@ -190,6 +190,14 @@ def plot(summary: dict, datasets: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it (as the commands are given)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
 def phase_report(args: argparse.Namespace) -> str:
     rows = read_rows(args.out / "finetune_noise.csv", COLUMNS)
     if not rows:
@@ -225,7 +233,7 @@ def phase_report(args: argparse.Namespace) -> str:
         "",
         check_budget_rows(rows, args.budget_csv) + ".",
         "",
-        f"Plot: `{args.out.name}/finetune_noise.png`.",
+        f"Plot: `{shown(args.out / 'finetune_noise.png')}`.",
     ]
     text = "\n".join(lines) + "\n"
     (args.out / "finetune_noise.md").write_text(text)

@@ -14,6 +14,8 @@ re-calibrated, then the recovery fine-tune) for these studies and writes ``recov
 - ``--feature-kd CSV``: both (``budget.py --ft-feature 1 3 10 --ft-kd 0.9``, the weight chosen on validation);
 - ``--raw CSV``: the MACs budget filled by relevance alone (``budget.py --raw-ranking``), plain fine-tune;
 - ``--raw-kd CSV``: the same with logit distillation (``budget.py --raw-ranking --ft-kd 0.5 0.9``);
+- ``--cap CSV``: the plain fine-tune after pruning with a per-layer cap (``budget.py --max-layer-ratio R`` into
+  separate ``--out`` folders, rows concatenated; one study per cap);
 - ``--gradual CSV``: gradual pruning, 3 re-scored stages with the same fine-tune length split over them
   (``budget.py --schedules iterative --recover-between``), against the one-shot rows of the plain fine-tune.
 
@@ -204,15 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=Path, default=RESULTS / "budget_ftlr.csv")
     p.add_argument("--raw", type=Path, default=RESULTS / "budget_raw.csv")
     p.add_argument("--raw-kd", type=Path, default=RESULTS / "budget_raw_kd.csv")
+    p.add_argument("--cap", type=Path, default=RESULTS / "budget_cap.csv")
     p.add_argument("--md", type=Path, default=RESULTS / "recovery.md")
     args = p.parse_args(argv)
     ftlen, feature, kd, gradual = read(args.ftlen), read(args.feature), read(args.kd), read(args.gradual)
     feature_kd, ftlr, raw, raw_kd = read(args.feature_kd), read(args.lr), read(args.raw), read(args.raw_kd)
+    cap = read(args.cap)
     ftlen = [r for r in ftlen if r.get("schedule", "oneshot") == "oneshot"]  # the length study is one-shot
-    if not (ftlen or feature or kd or feature_kd or gradual or ftlr or raw or raw_kd):
+    if not (ftlen or feature or kd or feature_kd or gradual or ftlr or raw or raw_kd or cap):
         raise SystemExit(
             f"none of {args.ftlen}, {args.feature}, {args.kd}, {args.feature_kd}, {args.gradual}, {args.lr}, "
-            f"{args.raw}, {args.raw_kd} has rows"
+            f"{args.raw}, {args.raw_kd}, {args.cap} has rows"
         )
     command = "python benchmarks/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", ""]
@@ -246,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         (raw_kd, "relevance alone + logit distillation", "ft_kd_alpha", "X",
          "The relevance-alone ranking with logit distillation in the fine-tune (the alpha chosen on validation "
          "among 0.5, 0.9):"),
+    ) + tuple(
+        (rows, f"layer cap {c}", None, marker,
+         f"The same one-shot pruning and plain fine-tune with no layer losing more than {float(c):.0%} of its channels "
+         f"(`prune(max_layer_ratio={c})`; the default cap is 0.9), a more even network at the same MACs:")
+        for ((c,), rows), marker in zip(sorted(group(cap, "max_layer_ratio").items()), "<>>>>", strict=False)
     )  # fmt: skip
     for rows, name, choice, _, text in studies:
         if rows:

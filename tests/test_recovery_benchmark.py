@@ -85,3 +85,31 @@ def test_chosen_on_validation_never_looks_at_test():
     assert lines[2] == "| breastmnist | 85% | 2 | feature distillation | +4.0 | **-2.0** | met |"
     tie = [dict(_row(s, 8, 0.70, alpha=0.5)) for s in (0, 1)]  # val drop 5 = plain's: plain kept
     assert bench.chosen_table(plain, {"logit distillation": tie})[2].split(" | ")[3] == "plain"
+
+
+def test_layer_caps_are_one_study_each(tmp_path):
+    """--cap: rows of several caps in one CSV give one table per cap (never averaged together) and each cap is a
+    candidate of the validation choice."""
+    plain, cap = tmp_path / "plain.csv", tmp_path / "cap.csv"
+    _write(plain, [_row(s, 8, 0.78) for s in (0, 1)])  # test drop 2, val drop 5
+    rows = [
+        dict(_row(s, 8, 0.80), val_acc_finetuned=0.88, max_layer_ratio="0.7") for s in (0, 1)
+    ]  # val 2, test 0
+    rows += [
+        dict(_row(s, 8, 0.70), val_acc_finetuned=0.86, max_layer_ratio="0.8") for s in (0, 1)
+    ]  # val 4, test 10
+    with cap.open("w", newline="") as f:
+        w = csv.DictWriter(f, [*COLS, "max_layer_ratio"])
+        w.writeheader()
+        w.writerows(rows)
+    md = tmp_path / "rec.md"
+    none = str(tmp_path / "none.csv")
+    args = ["--ftlen", str(plain), "--cap", str(cap), "--md", str(md)]
+    for opt in ("--feature", "--kd", "--feature-kd", "--lr", "--gradual", "--raw", "--raw-kd"):
+        args += [opt, none]
+    assert bench.main(args) == 0
+    text = md.read_text()
+    assert "no layer losing more than 70% of its channels" in text and "more than 80%" in text
+    assert "| breastmnist | lrp | 85% | 2 | +2.0 / +5.0 | **+0.0** / +2.0 |" in text  # cap 0.7 alone
+    assert "| breastmnist | lrp | 85% | 2 | +2.0 / +5.0 | **+10.0** / +4.0 |" in text  # cap 0.8 alone
+    assert "| breastmnist | 85% | 2 | layer cap 0.7 | +2.0 | **+0.0** | met |" in text
